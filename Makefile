@@ -1,0 +1,59 @@
+# Developer tasks for guillotina_amqp. Everything runs from the repo's own .venv.
+SHELL := /bin/bash
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SRC    := guillotina_amqp tests bench
+
+# Where the services are (same variables pytest-docker-fixtures reads).
+RABBITMQ   ?= 127.0.0.1:5672
+REDIS      ?= 127.0.0.1:6379
+POSTGRESQL ?= 127.0.0.1:5432
+export RABBITMQ REDIS POSTGRESQL
+
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+
+.PHONY: venv install services test run lint format typecheck bench clean
+
+venv install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# guillotina_amqp/__init__.py: an editable install made before the package existed maps
+# nothing, so reinstall once it appears.
+$(STAMP): setup.py $(wildcard pyproject.toml setup.cfg guillotina_amqp/__init__.py) | $(BIN)/python
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -e '.[test,metrics]'
+	touch $@
+
+services:
+	bash scripts/ensure-services.sh
+
+test: install services
+	$(BIN)/pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+
+run: install services
+	$(BIN)/python scripts/demo.py
+
+# Only the source folders that exist yet (tests/ and bench/ may come later).
+lint: install
+	$(BIN)/ruff check $(wildcard $(SRC))
+	$(BIN)/ruff format --check $(wildcard $(SRC))
+
+format: install
+	$(BIN)/ruff format $(wildcard $(SRC))
+	$(BIN)/ruff check --fix $(wildcard $(SRC))
+
+typecheck: install
+	$(BIN)/mypy guillotina_amqp
+
+bench: install services
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

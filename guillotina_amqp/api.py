@@ -1,0 +1,132 @@
+"""REST services on containers: list, read and cancel tasks (SPEC §7)."""
+
+from typing import Any
+
+from guillotina import configure, task_vars
+from guillotina.api.service import Service
+from guillotina.component import get_utility
+from guillotina.interfaces import IApplication, IContainer, IDatabase
+from guillotina.response import HTTPNotFound
+from guillotina.utils import get_authenticated_user, get_security_policy
+
+from guillotina_amqp.message import public_headers
+from guillotina_amqp.names import in_container, task_id_prefix
+from guillotina_amqp.state import TaskState, get_state_manager
+
+NOT_FOUND = {"reason": "Task not found"}
+
+
+def _container_prefix(context: Any) -> str:
+    db = task_vars.db.get()
+    return task_id_prefix(getattr(db, "id", None), context.id)
+
+
+def _lookalike_prefix(prefix: str) -> bool:
+    """Whether another database's container can make ids with our very prefix.
+
+    "task:{db}-{container}-" is ambiguous when ids contain dashes: db "db" with
+    container "a-x" and db "db-a" with container "x" both give "task:db-a-x-".
+    """
+    own = getattr(task_vars.db.get(), "id", None)
+    root = get_utility(IApplication, name="root")
+    # iterating the root gives (id, object) pairs; databases from `storages` appear once opened
+    others = [key for key, db in root if IDatabase.providedBy(db) and key != own]
+    return any(prefix.startswith(f"task:{other}-") for other in others)
+
+
+async def _owned(task_id: str, context: Any) -> bool:
+    """Ownership told by the state itself (the stored message), for ambiguous prefixes."""
+    state = await get_state_manager().get(task_id)
+    job_data = state.get("job_data") or state
+    db = task_vars.db.get()
+    return job_data.get("db_id") == getattr(db, "id", None) and job_data.get("container_id") == context.id
+
+
+class TaskService(Service):
+    """A task of this container, or 404: ids of other containers are never served."""
+
+    async def task_state(self) -> TaskState:
+        task_id = self.request.matchdict["task_id"]
+        prefix = _container_prefix(self.context)
+        if not in_container(task_id, prefix):
+            raise HTTPNotFound(content=NOT_FOUND)
+        if not await get_state_manager().exists(task_id):
+            raise HTTPNotFound(content=NOT_FOUND)
+        if _lookalike_prefix(prefix) and not await _owned(task_id, self.context):
+            raise HTTPNotFound(content=NOT_FOUND)
+        return TaskState(task_id)
+
+
+@configure.service(
+    context=IContainer,
+    method="GET",
+    name="@amqp-tasks",
+    permission="guillotina.ManageAMQP",
+    summary="List the ids of this container's tasks",
+)
+@configure.service(
+    context=IContainer,
+    method="GET",
+    name="@amqp-info",
+    permission="guillotina.ManageAMQP",
+    summary="Deprecated alias of GET @amqp-tasks",
+)
+async def list_tasks(context: Any, request: Any) -> list[str]:
+    prefix = _container_prefix(context)
+    found = [task_id async for task_id in get_state_manager().list(prefix) if in_container(task_id, prefix)]
+    if _lookalike_prefix(prefix):
+        found = [task_id for task_id in found if await _owned(task_id, context)]
+    return found
+
+
+@configure.service(
+    context=IContainer,
+    method="GET",
+    name="@amqp-tasks/{task_id}",
+    permission="guillotina.ManageAMQP",
+    summary="A task's state; job_data only with guillotina.DebugAMQP",
+)
+@configure.service(
+    context=IContainer,
+    method="GET",
+    name="@amqp-info/{task_id}",
+    permission="guillotina.ManageAMQP",
+    summary="Deprecated alias of GET @amqp-tasks/{task_id}",
+)
+class GetTask(TaskService):
+    async def __call__(self) -> dict[str, Any]:
+        state = await (await self.task_state()).get_state()
+        job_data = state.pop("job_data", None)
+        policy = get_security_policy(get_authenticated_user())
+        if job_data is not None and policy.check_permission("guillotina.DebugAMQP", self.context):
+            state["job_data"] = _redacted(job_data)
+        return state
+
+
+@configure.service(
+    context=IContainer,
+    method="DELETE",
+    name="@amqp-tasks/{task_id}",
+    permission="guillotina.ManageAMQP",
+    summary="Cancel a task",
+)
+@configure.service(
+    context=IContainer,
+    method="DELETE",
+    name="@amqp-cancel/{task_id}",
+    permission="guillotina.ManageAMQP",
+    summary="Deprecated alias of DELETE @amqp-tasks/{task_id}",
+)
+class CancelTask(TaskService):
+    async def __call__(self) -> bool:
+        return await (await self.task_state()).cancel()
+
+
+def _redacted(job_data: dict) -> dict:
+    """job_data without credentials, should an old message have carried any."""
+    req_data = dict(job_data.get("req_data") or {})
+    req_data["headers"] = public_headers(req_data.get("headers"))
+    user = dict(req_data.get("user") or {})
+    user["headers"] = public_headers(user.get("headers"))
+    req_data["user"] = user
+    return {**job_data, "req_data": req_data}

@@ -1,0 +1,176 @@
+"""`g amqp-worker`: run a worker until SIGTERM/SIGINT or a liveness failure."""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from guillotina import app_settings
+from guillotina.commands import Command
+from redis.asyncio import Redis
+
+from guillotina_amqp import metrics, registry
+from guillotina_amqp.connection import CONNECTION_ERRORS
+from guillotina_amqp.exceptions import AMQPError, StateManagerUnavailable
+from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-exported
+    EXIT_BEACON_LOST,
+    EXIT_IDLE,
+    EXIT_LOOP_BLOCKED,
+    EXIT_OK,
+    EXIT_STARTUP_FAILED,
+    LoopWatchdog,
+)
+from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.worker import Worker
+
+logger = logging.getLogger("guillotina_amqp")
+
+#: seconds a worker that failed a liveness check gets to close before it is killed
+FAILED_STOP_TIMEOUT = 10
+
+
+class WorkerCommand(Command):
+    description = "Run a guillotina_amqp worker consuming the amqp.queue"
+
+    exit_code = EXIT_OK
+
+    def get_parser(self) -> argparse.ArgumentParser:
+        parser = super().get_parser()
+        parser.add_argument(
+            "--auto-kill-timeout",
+            type=float,
+            default=None,
+            help=(
+                "seconds the event loop may stay blocked (e.g. by a task calling time.sleep) before "
+                f"the process is killed with exit code {EXIT_LOOP_BLOCKED}; off by default"
+            ),
+        )
+        parser.add_argument(
+            "--max-running-tasks",
+            type=int,
+            default=None,
+            help="tasks run at once (and prefetched); overrides amqp.max_running_tasks",
+        )
+        parser.add_argument("--metrics-server", action="store_true", help="serve Prometheus /metrics")
+        parser.add_argument("--port", type=int, default=8080, help="port of the metrics server (8080)")
+        return parser
+
+    def run_command(self, settings: Any = None, loop: Any = None) -> None:
+        super().run_command(settings=settings, loop=loop)
+        sys.exit(self.exit_code)
+
+    async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
+        if arguments.metrics_server:
+            try:
+                metrics.start_server(arguments.port)
+            except OSError as exc:
+                logger.error("amqp-worker could not serve metrics on port %s: %r", arguments.port, exc)
+                self.exit_code = EXIT_STARTUP_FAILED
+                return
+        try:
+            registry.check_settings()
+            worker = Worker(max_size=arguments.max_running_tasks)
+            await _check_state_store(worker.settings)
+            await worker.start()
+        except (AMQPError, *CONNECTION_ERRORS) as exc:
+            logger.error("amqp-worker could not start: %s", _describe(exc))
+            self.exit_code = EXIT_STARTUP_FAILED
+            return
+        watchdog = None
+        if arguments.auto_kill_timeout:
+            watchdog = LoopWatchdog(arguments.auto_kill_timeout)
+            watchdog.start()
+        try:
+            self.exit_code = await serve(worker)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+
+
+async def serve(worker: Worker) -> int:
+    """Run `worker` until a signal (graceful shutdown, exit 0) or a failed liveness check."""
+    loop = asyncio.get_running_loop()
+    signaled = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if signaled.is_set():
+            logger.warning("Worker %s got %s again: canceling running tasks now", worker.worker_id, sig.name)
+            worker.cancel_running()
+            return
+        logger.info("Worker %s got %s: shutting down", worker.worker_id, sig.name)
+        signaled.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await _first(signaled.wait(), worker.failed.wait())
+        if not worker.failed.is_set():
+            shutdown = asyncio.ensure_future(worker.shutdown())
+            await _first(shutdown, worker.failed.wait())
+            if shutdown.done():
+                shutdown.result()
+                return EXIT_OK
+            shutdown.cancel()
+        await _stop_failed(worker)
+        return worker.exit_code or EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of `aws` is done; cancel the others unless they are tasks we keep."""
+    futures = [asyncio.ensure_future(aw) for aw in aws]
+    _, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    for future in pending:
+        if future not in aws:
+            future.cancel()
+
+
+async def _stop_failed(worker: Worker) -> None:
+    """Close a worker that is not live; its connection may be stuck, so do not wait forever."""
+    # whatever hangs from here on (closing, the application's shutdown), the process ends
+    killer = threading.Timer(3 * FAILED_STOP_TIMEOUT, os._exit, (worker.exit_code or EXIT_STARTUP_FAILED,))
+    killer.daemon = True
+    killer.start()
+    try:
+        await asyncio.wait_for(worker.stop(), FAILED_STOP_TIMEOUT)
+    except Exception as exc:
+        logger.error("Worker %s did not stop cleanly (%r); exiting anyway", worker.worker_id, exc)
+
+
+async def _check_state_store(settings: AMQPSettings) -> None:
+    """Fail at start, naming the setting to fix, rather than on every message."""
+    if settings.persistent_manager != "redis":
+        return
+    from guillotina.contrib import redis as contrib_redis
+
+    if contrib_redis._driver is None:
+        raise StateManagerUnavailable(
+            "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications"
+        )
+    # ping directly: guillotina's redis driver retries forever, logging a traceback a second
+    conf = app_settings.get("redis") or {}
+    client = Redis(host=conf.get("host"), port=conf.get("port"), socket_connect_timeout=10)
+    try:
+        await client.ping()
+    except Exception as exc:
+        address = f"{conf.get('host')}:{conf.get('port')}"
+        raise StateManagerUnavailable(
+            f"cannot reach Redis at {address} (redis.host/redis.port): {exc}"
+        ) from None
+    finally:
+        await client.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AMQPError):
+        return str(exc)
+    if isinstance(exc, CONNECTION_ERRORS):
+        amqp = get_settings()
+        return f"cannot reach RabbitMQ at {amqp.host}:{amqp.port} (amqp.host/amqp.port): {exc!r}"
+    return str(exc)

@@ -1,0 +1,77 @@
+"""The Guillotina context a task runs in: rebuilt request, db, container, user (SPEC §4.6)."""
+
+import logging
+from typing import Any
+
+from guillotina import task_vars
+from guillotina.auth.users import GuillotinaUser
+from guillotina.auth.utils import set_authenticated_user
+from guillotina.component import get_utility
+from guillotina.interfaces import ACTIVE_LAYERS_KEY, IApplication, IContainer, IDatabase, IPrincipal
+from guillotina.request import Request
+from guillotina.utils import get_database, get_registry, import_class
+from zope.interface import alsoProvides
+
+from guillotina_amqp.exceptions import ObjectNotFoundException
+from guillotina_amqp.message import is_root, split_url
+
+logger = logging.getLogger("guillotina_amqp")
+
+
+def rebuild_request(req_data: dict) -> Request:
+    """A request like the one that scheduled the task (url, method, headers, annotations)."""
+    scheme, path, query = split_url(req_data.get("url"))
+    headers = req_data.get("headers") or {}
+    raw_headers = [(str(k).lower().encode(), str(v).encode()) for k, v in headers.items()]
+    request = Request(scheme, req_data.get("method") or "POST", path, query, raw_headers)
+    for key, value in (req_data.get("annotations") or {}).items():
+        request[key] = value
+    task_vars.request.set(request)
+    task_vars.futures.set({})
+    return request
+
+
+def user_from(req_data: dict) -> IPrincipal:
+    """The scheduling user, with the id, roles, groups and data the message carries."""
+    if is_root(req_data):
+        return get_utility(IApplication, name="root").root_user
+    user = req_data.get("user") or {}
+    principal = GuillotinaUser(
+        user_id=user.get("id") or "guillotina.SystemUser",
+        groups=list(user.get("groups") or []),
+        roles={role: 1 for role in user.get("roles") or []},
+        properties=dict(user.get("data") or {}),
+    )
+    principal.data = dict(user.get("data") or {})  # type: ignore[attr-defined]
+    principal.headers = dict(user.get("headers") or {})  # type: ignore[attr-defined]
+    return principal
+
+
+def login(req_data: dict) -> None:
+    set_authenticated_user(user_from(req_data))
+
+
+async def open_database(db_id: str) -> IDatabase:
+    db = await get_database(db_id)
+    if db is None:
+        raise ObjectNotFoundException(f"database {db_id} not found")
+    task_vars.db.set(db)
+    task_vars.tm.set(db.get_transaction_manager())
+    return db
+
+
+async def enter_container(request: Request, root: Any, container_id: str) -> IContainer:
+    """Load the container, make it current and apply its registry and active layers."""
+    container = await root.async_get(container_id)
+    if container is None or not IContainer.providedBy(container):
+        raise ObjectNotFoundException(f"container {container_id} not found")
+    task_vars.container.set(container)
+    task_vars.registry.set(None)
+    registry = await get_registry(container)
+    layers = registry.get(ACTIVE_LAYERS_KEY, []) if registry is not None else []
+    for layer in layers:
+        try:
+            alsoProvides(request, import_class(layer))
+        except ModuleNotFoundError:
+            logger.error("Cannot apply layer %s", layer)
+    return container

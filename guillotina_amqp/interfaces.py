@@ -1,0 +1,78 @@
+"""Interfaces of guillotina_amqp (SPEC §1, §5)."""
+
+from enum import Enum
+
+from zope.interface import Attribute, Interface
+
+
+class MessageType(str, Enum):
+    """What an async-generator task yields: `(MessageType.X, value)`."""
+
+    RESULT = "result"
+    DEBUG = "debug"
+
+
+class ITaskDefinition(Interface):
+    """A function wrapped by `@task` / `@object_task`: calling it schedules it."""
+
+    func = Attribute("the wrapped function")
+
+    async def __call__(*args, **kwargs):
+        """Schedule the task; return its TaskState."""
+
+    async def schedule(*args, **kwargs):
+        """Same as calling the definition."""
+
+    def after_request(*args, _request=None, _name=None, **kwargs):
+        """Schedule once the current request finishes; return the future's name."""
+
+    def after_commit(*args, **kwargs):
+        """Schedule after the current transaction commits."""
+
+    def before_commit(*args, **kwargs):
+        """Schedule just before the current transaction commits."""
+
+
+class IStateManagerUtility(Interface):
+    """Where task state, locks and cancellations live. Every method is a coroutine."""
+
+    worker_id = Attribute("id written into the locks this process holds")
+
+    async def update(task_id, data, ttl=None):
+        """Merge `data` into the task's state; expire it after `ttl` seconds if given."""
+
+    async def get(task_id):
+        """The task's state dict ({} when unknown)."""
+
+    async def exists(task_id):
+        """Whether any state is stored for the task."""
+
+    async def list(prefix=""):
+        """Async-iterate the task ids (only tasks; optionally those starting with `prefix`)."""
+
+    async def acquire(task_id, ttl):
+        """Take the task's lock for `ttl` seconds; raise TaskAlreadyAcquired if held."""
+
+    async def is_locked(task_id):
+        """Whether anyone holds the task's lock."""
+
+    async def is_mine(task_id):
+        """Whether this worker holds the task's lock."""
+
+    async def release(task_id):
+        """Drop our lock; raise TaskAccessUnauthorized if another worker holds it."""
+
+    async def refresh_lock(task_id, ttl):
+        """Extend our lock; raise TaskAccessUnauthorized if another worker holds it."""
+
+    async def cancel(task_id):
+        """Put the task in the cancel set; return True."""
+
+    async def cancelation_list():
+        """Async-iterate the ids in the cancel set."""
+
+    async def clean_canceled(task_id):
+        """Remove the task from the cancel set; return whether it was there."""
+
+    async def is_canceled(task_id):
+        """Whether the task is in the cancel set."""

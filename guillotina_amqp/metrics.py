@@ -1,0 +1,53 @@
+"""Prometheus metrics of the worker; a no-op when prometheus-client is not installed."""
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("guillotina_amqp")
+
+try:
+    import prometheus_client
+
+    RUNNING_JOBS: Any = prometheus_client.Gauge("amqp_running_jobs", "Tasks running on this worker")
+    JOB_DURATION: Any = prometheus_client.Histogram(
+        "amqp_job_duration",
+        "Seconds a task ran, by function, final status and container",
+        labelnames=["dotted_name", "final_status", "container_id"],
+        # background tasks run from milliseconds to the broker's 30 min consumer_timeout
+        buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, float("inf")),
+    )
+    JOBS: Any = prometheus_client.Counter(
+        "amqp_jobs", "Tasks that ended, by final status", labelnames=["final_status"]
+    )
+    BEACONS: Any = prometheus_client.Counter(
+        "amqp_beacons", "Connection-liveness beacons that came back from the broker"
+    )
+    ENABLED = True
+except ImportError:  # pragma: no cover - exercised only without the optional extra
+    ENABLED = False
+
+
+def set_running(count: int) -> None:
+    if ENABLED:
+        RUNNING_JOBS.set(count)
+
+
+def observe(dotted_name: str, final_status: str, container_id: str | None, seconds: float) -> None:
+    if ENABLED:
+        JOB_DURATION.labels(dotted_name, final_status, container_id or "").observe(seconds)
+        JOBS.labels(final_status).inc()
+
+
+def beacon_received() -> None:
+    if ENABLED:
+        BEACONS.inc()
+
+
+def start_server(port: int) -> bool:
+    """Serve /metrics on `port`; False (and a log line) when prometheus-client is missing."""
+    if not ENABLED:
+        logger.warning("prometheus-client is not installed: metrics are off")
+        return False
+    prometheus_client.start_http_server(port)
+    logger.info("Serving Prometheus metrics on port %s", port)
+    return True

@@ -1,0 +1,113 @@
+"""Which functions a worker may run, and turning a dotted name into one.
+
+A message names its function by dotted name. Importing whatever a message
+names would let anyone who can publish run `os.system`; the worker only
+resolves functions registered with `@task`/`@object_task` or living under a
+prefix of `amqp.allowed_tasks` (default: the configured applications).
+"""
+
+import importlib
+from typing import Any, Callable
+
+from guillotina import app_settings
+from guillotina.utils import get_dotted_name
+
+from guillotina_amqp.exceptions import AMQPError, InvalidMessage, TaskNotAllowed
+from guillotina_amqp.interfaces import ITaskDefinition
+from guillotina_amqp.settings import AMQPSettings
+
+_registered: dict[str, Callable[..., Any]] = {}
+# (name, allowed prefixes) -> (module, attribute, object found there, function): a worker
+# resolves the same few names for every message
+_resolved: dict[tuple[str, tuple[str, ...]], tuple[Any, str, Any, Callable[..., Any]]] = {}
+
+# Object tasks travel as these wrappers; they resolve (and check) the real callable
+# themselves, so they stay allowed whatever `amqp.allowed_tasks` says.
+_ALWAYS_ALLOWED = frozenset(
+    {"guillotina_amqp.utils._run_object_task", "guillotina_amqp.utils._yield_object_task"}
+)
+
+
+def register(func: Callable[..., Any]) -> str:
+    """Allow `func` to run on workers; return its dotted name."""
+    name = get_dotted_name(func)
+    _registered[name] = func
+    return name
+
+
+def allowed_prefixes(settings: AMQPSettings) -> tuple[str, ...]:
+    if settings.allowed_tasks is not None:
+        return tuple(settings.allowed_tasks)
+    applications = [a for a in app_settings.get("applications") or [] if isinstance(a, str)]
+    return (*applications, "guillotina_amqp")
+
+
+def is_allowed(name: str, settings: AMQPSettings) -> bool:
+    if name in _registered or name in _ALWAYS_ALLOWED:
+        return True
+    # a prefix must end on a dotted boundary: "app" allows "app.tasks.f", not "appx.f"
+    return any(name == p or name.startswith(p.rstrip(".") + ".") for p in allowed_prefixes(settings))
+
+
+def resolve(name: Any, settings: AMQPSettings) -> Callable[..., Any]:
+    """The function named `name`; TaskNotAllowed/InvalidMessage when it may not or cannot run."""
+    if not isinstance(name, str) or "." not in name:
+        raise InvalidMessage(f"invalid function name {name!r}")
+    if name in _registered:
+        return _registered[name]
+    prefixes = allowed_prefixes(settings)
+    cached = _resolved.get((name, prefixes))
+    if cached is not None and getattr(cached[0], cached[1], None) is cached[2]:
+        return cached[3]  # checked before, and the module still holds the same object
+    if not is_allowed(name, settings):
+        raise TaskNotAllowed(f"function {name} is not a registered task nor under amqp.allowed_tasks")
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        found = func = getattr(module, attr)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        raise InvalidMessage(f"cannot import {name}: {exc}") from None
+    if ITaskDefinition.providedBy(func):
+        func = func.func
+    if not callable(func):
+        raise InvalidMessage(f"{name} is not callable")
+    _check_origin(name, func, settings)
+    _resolved[(name, prefixes)] = (module, attr, found, func)
+    return func
+
+
+def _check_origin(name: str, func: Any, settings: AMQPSettings) -> None:
+    """Refuse a name that only re-exports a function defined elsewhere.
+
+    `app.tasks.run` may be `subprocess.run` imported into an allowed module:
+    the prefix test on the message's name alone would let it through.
+    """
+    if func in _registered.values():
+        return
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", "")
+    if not isinstance(module, str) or not is_allowed(f"{module}.{qualname}", settings):
+        raise TaskNotAllowed(f"function {name} is {module}.{qualname}, which is not under amqp.allowed_tasks")
+
+
+def check_settings() -> None:
+    """Refuse security settings that would silently weaken the checks (at worker start).
+
+    A bare string where a list is expected would be read as one-letter items:
+    `previous_signing_keys: oldkey` would accept messages signed with "o".
+    """
+    block = app_settings.get("amqp") or {}
+    _check_strings(block, "allowed_tasks", "a list of dotted prefixes")
+    _check_strings(block, "previous_signing_keys", "a list of keys")
+    key = block.get("signing_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise AMQPError("amqp.signing_key must be a non-empty string (or null to disable signing)")
+
+
+def _check_strings(block: dict, name: str, what: str) -> None:
+    value = block.get(name)
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        # never echo the value: it may be a signing key
+        raise AMQPError(f"amqp.{name} must be {what} (non-empty strings), not a {type(value).__name__}")

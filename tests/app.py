@@ -1,0 +1,292 @@
+"""A test-only Guillotina application holding sample tasks (importable by worker subprocesses)."""
+
+import asyncio
+import os
+from typing import Any
+
+from guillotina import configure, task_vars
+from guillotina.interfaces import IContainer, IResource
+from guillotina.utils import get_authenticated_user
+
+from guillotina_amqp import add_object_task, add_task, object_task, task
+from guillotina_amqp.interfaces import MessageType
+from guillotina_amqp.task_vars import amqp_job
+
+app_settings: dict[str, Any] = {}
+
+
+def includeme(root: Any, settings: dict) -> None:
+    configure.scan("tests.app")
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def noop() -> None:
+    return None
+
+
+async def falsy(kind: str) -> Any:
+    return {"zero": 0, "empty": "", "list": [], "false": False}[kind]
+
+
+async def fail(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+async def sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+def blocking_sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+async def write_marker(path: str, text: str = "ran") -> str:
+    """Appends a line to `path`: the observable side effect tests count."""
+    with open(path, "a") as fh:
+        fh.write(text + "\n")
+    return text
+
+
+async def sleep_then_mark(path: str, seconds: float) -> str:
+    await write_marker(path, "started")
+    await asyncio.sleep(seconds)
+    return await write_marker(path, "done")
+
+
+async def fail_until(path: str, failures: int) -> int:
+    """Fails the first `failures` runs (counted in `path`), then returns the run number."""
+    runs = 1 + (len(open(path).read().splitlines()) if os.path.exists(path) else 0)
+    await write_marker(path)
+    if runs <= failures:
+        raise RuntimeError(f"failing run {runs}")
+    return runs
+
+
+async def context_info() -> dict:
+    """What a task sees of its context: user, container, request, own id."""
+    user = get_authenticated_user()
+    container = task_vars.container.get()
+    request = task_vars.request.get()
+    return {
+        "user": getattr(user, "id", None),
+        "roles": sorted(getattr(user, "roles", {}) or {}),
+        "groups": list(getattr(user, "groups", []) or []),
+        "container": getattr(container, "id", None),
+        "url": getattr(request, "url", None),
+        "method": getattr(request, "method", None),
+        "header": request.headers.get("X-Custom") if request is not None else None,
+        "task_id": amqp_job.get().data["task_id"],
+    }
+
+
+async def progress(steps: int) -> Any:
+    for step in range(steps):
+        yield (MessageType.DEBUG, f"step {step}")
+        yield (MessageType.RESULT, step)
+        yield "not a message"
+
+
+async def set_title(ob: IResource, title: str) -> str:
+    ob.title = title
+    ob.register()
+    return title
+
+
+async def titles(ob: IResource, *suffixes: str) -> Any:
+    for suffix in suffixes:
+        ob.title = f"{ob.title}{suffix}"
+        ob.register()
+        yield (MessageType.RESULT, ob.title)
+
+
+@task
+async def decorated_add(a: int, b: int) -> int:
+    return a + b
+
+
+@task(retries=1)
+async def decorated_info() -> dict:
+    return await context_info()
+
+
+@object_task
+async def decorated_set_title(ob: IResource, title: str) -> str:
+    return await set_title(ob, title)
+
+
+@configure.service(
+    context=IContainer, method="POST", name="@test-schedule", permission="guillotina.AccessContent"
+)
+async def schedule_from_request(context: Any, request: Any) -> dict:
+    """Schedules what the body names, the way an application's service would."""
+    body = await request.json()
+    kind = body.get("kind", "add")
+    if kind == "object":
+        ob = await context.async_get(body["id"])
+        state = await add_object_task(set_title, ob, body["title"])
+    elif kind == "after_request":
+        return {"name": decorated_add.after_request(1, 2), "task_id": None}
+    elif kind == "after_commit":
+        decorated_add.after_commit(2, 3)
+        return {"task_id": None}
+    else:
+        state = await add_task(context_info)
+    return {"task_id": state.task_id}
+
+
+# -- public API / REST / context tests (tests/test_api.py, test_context.py, test_rest.py) --
+
+from guillotina.auth.users import GuillotinaUser  # noqa: E402
+from guillotina.content import create_content_in_container  # noqa: E402
+
+from guillotina_amqp.state import get_state_manager  # noqa: E402
+
+configure.role("tests.AMQPManager", "Manages AMQP tasks but may not debug them (tests)", local=False)
+configure.grant(permission="guillotina.ManageAMQP", role="tests.AMQPManager")
+configure.grant(permission="guillotina.AccessContent", role="tests.AMQPManager")
+configure.role("tests.Scheduler", "May call the scheduling services (tests)", local=False)
+configure.grant(permission="guillotina.AccessContent", role="tests.Scheduler")
+
+
+class TokenUserIdentifier:
+    """Test-only auth: the user is whoever the JWT names, with the roles and groups it lists."""
+
+    async def get_user(self, token: dict) -> GuillotinaUser:
+        claims = token.get("decoded", {})
+        return GuillotinaUser(
+            user_id=token["id"],
+            groups=list(claims.get("groups", [])),
+            roles={role: 1 for role in claims.get("roles", [])},
+        )
+
+
+async def request_info() -> dict:
+    """context_info plus what else the worker rebuilt: annotations and the database."""
+    request = task_vars.request.get()
+    annotations = {key: request[key] for key in request} if request is not None else {}
+    return {
+        **await context_info(),
+        "annotation": annotations.get("test-annotation"),
+        "db": getattr(task_vars.db.get(), "id", None),
+    }
+
+
+async def create_item(item_id: str, title: str) -> str:
+    """Creates an Item in the current container: committed only if the worker commits."""
+    item = await create_content_in_container(task_vars.container.get(), "Item", item_id, title=title)
+    return item.id
+
+
+async def wait_then_log(path: str) -> Any:
+    """Logs one event, waits until `path` exists (the test says go), logs another."""
+    yield (MessageType.DEBUG, "first")
+    for _ in range(1200):
+        if os.path.exists(path):
+            break
+        await asyncio.sleep(0.05)
+    yield (MessageType.DEBUG, "second")
+    yield (MessageType.RESULT, "done")
+
+
+async def only_junk() -> Any:
+    yield "not a message"
+    yield ("unknown", 1)
+    yield (MessageType.RESULT, 1, 2)
+
+
+@configure.service(
+    context=IContainer, method="POST", name="@test-context", permission="guillotina.AccessContent"
+)
+async def schedule_with_annotation(context: Any, request: Any) -> dict:
+    """Annotates the request, then schedules request_info from it."""
+    request["test-annotation"] = (await request.json()).get("annotation")
+    state = await add_task(request_info)
+    return {"task_id": state.task_id}
+
+
+@configure.service(
+    context=IContainer, method="POST", name="@test-deferred", permission="guillotina.AccessContent"
+)
+async def schedule_deferred(context: Any, request: Any) -> dict:
+    """Schedules decorated_add(a, b) from a request or transaction hook.
+
+    Answers which tasks existed when the service returned, so a test can tell
+    that nothing was scheduled before the request/transaction ended.
+    """
+    body = await request.json()
+    hook, args = body["hook"], (body["a"], body["b"])
+    name = None
+    if hook == "after_request":
+        name = decorated_add.after_request(*args, _name=body.get("name"))
+    elif hook == "after_commit":
+        decorated_add.after_commit(*args)
+    else:
+        decorated_add.before_commit(*args)
+    context.title = f"scheduled {hook}"
+    context.register()
+    existing = [task_id async for task_id in get_state_manager().list()]
+    if body.get("fail"):
+        raise ValueError("the request fails after scheduling")
+    return {"name": name, "existing": existing}
+
+
+from zope.interface import Interface  # noqa: E402
+
+
+class IFlagUtility(Interface):
+    """Provided only by FlagUtility (tests/test_event_loop.py)."""
+
+
+class FlagUtility:
+    """An async utility that records that guillotina awaited its initialize(), and on which loop."""
+
+    def __init__(self, settings: dict | None = None) -> None:
+        self.initialized = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def initialize(self, app: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.initialized = True
+
+    async def finalize(self, app: Any = None) -> None:
+        self.initialized = False
+
+
+async def create_item_then_fail(item_id: str, title: str) -> None:
+    """Writes, then raises: the worker must abort, so nothing is written."""
+    await create_item(item_id, title)
+    raise RuntimeError("failing after writing")
+
+
+async def mark_pid(path: str, label: str) -> int:
+    """Appends "<label> <pid>": which process ran which task."""
+    await write_marker(path, f"{label} {os.getpid()}")
+    return os.getpid()
+
+
+# -- liveness / shutdown tests (tests/test_shutdown.py, test_metrics.py) --
+
+
+async def sleep_then_mark_pid(path: str, seconds: float) -> int:
+    """Appends "started <pid>", sleeps, appends "done <pid>": who started and who finished it."""
+    await write_marker(path, f"started {os.getpid()}")
+    await asyncio.sleep(seconds)
+    await write_marker(path, f"done {os.getpid()}")
+    return os.getpid()
+
+
+async def fail_when_told(path: str, go: str) -> None:
+    """Logs a run in `path`, waits until the file `go` exists (the test says when), then fails."""
+    await write_marker(path, "started")
+    for _ in range(1200):
+        if os.path.exists(go):
+            break
+        await asyncio.sleep(0.05)
+    raise RuntimeError("failing when told")

@@ -1,0 +1,85 @@
+"""Graceful shutdown (SPEC §9): SIGTERM/SIGINT let running tasks finish up to
+amqp.shutdown_timeout; what still runs then is left unacked and redelivered."""
+
+import signal
+
+import pytest
+
+from guillotina_amqp import add_task
+from guillotina_amqp.liveness import EXIT_OK
+from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
+from tests import app
+from tests.subprocess_worker import WorkerProcess, worker_config
+from tests.utils import queue_counts, wait_for
+
+
+def marks(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_lets_a_running_task_finish_then_exits_0(guillotina_main, tmp_path, sig):
+    marker = tmp_path / "marks.txt"
+    async with WorkerProcess(worker_config(shutdown_timeout=60)) as worker:
+        await worker.wait_consuming()
+        state = await add_task(app.sleep_then_mark_pid, str(marker), 1.5)
+        await wait_for(lambda: marks(marker), 60, "the task to start")
+        worker.signal(sig)
+        code = await worker.wait_exit(60)
+    pid = worker.process.pid
+    assert code == EXIT_OK, worker.output
+    assert marks(marker) == [f"started {pid}", f"done {pid}"]
+    final = await TaskState(state.task_id).get_state()
+    assert final["status"] == TaskStatus.FINISHED
+    assert final["result"] == pid
+    # acked before the connection closed: nothing is left to redeliver
+    assert (await queue_counts())[app_queue()] == 0
+
+
+async def test_task_outliving_shutdown_timeout_is_redelivered_to_another_worker(guillotina_main, tmp_path):
+    marker = tmp_path / "marks.txt"
+    async with WorkerProcess(worker_config(shutdown_timeout=0.5)) as first:
+        await first.wait_consuming()
+        state = await add_task(app.sleep_then_mark_pid, str(marker), 4)
+        await wait_for(lambda: marks(marker), 60, "the task to start")
+        async with WorkerProcess(worker_config()) as second:
+            await second.wait_consuming()
+            first.signal(signal.SIGTERM)
+            assert await first.wait_exit(60) == EXIT_OK, first.output
+            final = await TaskState(state.task_id).join()
+    assert final["status"] == TaskStatus.FINISHED, final
+    assert final["result"] == second.process.pid
+    assert marks(marker) == [
+        f"started {first.process.pid}",
+        f"started {second.process.pid}",
+        f"done {second.process.pid}",
+    ]
+    assert f"Task {state.task_id} (tests.app.sleep_then_mark_pid) still running after 0.5s" in first.output
+
+
+async def test_second_signal_stops_waiting(guillotina_main, tmp_path):
+    marker = tmp_path / "marks.txt"
+    async with WorkerProcess(worker_config(shutdown_timeout=600)) as worker:
+        await worker.wait_consuming()
+        state = await add_task(app.sleep_then_mark_pid, str(marker), 600)
+        await wait_for(lambda: marks(marker), 60, "the task to start")
+        worker.signal(signal.SIGTERM)
+        await wait_for(lambda: "waiting up to 600s" in worker.output, 60, "the shutdown to begin")
+        worker.signal(signal.SIGINT)
+        code = await worker.wait_exit(60)
+    assert code == EXIT_OK, worker.output
+    assert marks(marker) == [f"started {worker.process.pid}"]
+    # left unacked: back in the queue for the next worker, its lock released
+    await wait_for(lambda: _ready_in_main_queue(1), 30, "the message back in the queue")
+    assert not await get_state_manager().is_locked(state.task_id)
+    assert await TaskState(state.task_id).get_status() == TaskStatus.SCHEDULED
+
+
+async def _ready_in_main_queue(count: int) -> bool:
+    return (await queue_counts())[app_queue()] == count
+
+
+def app_queue() -> str:
+    from guillotina_amqp.settings import get_settings
+
+    return get_settings().queue

@@ -1,0 +1,127 @@
+"""Helpers shared by the tests: waiting on conditions, queue contents, clean-up."""
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Awaitable, Callable
+
+import aioamqp
+from guillotina import app_settings
+from guillotina.component import query_utility
+
+from guillotina_amqp import names, publishing
+from guillotina_amqp.connection import AMQPConnection
+from guillotina_amqp.interfaces import IStateManagerUtility
+from guillotina_amqp.settings import get_settings
+from guillotina_amqp.worker import Worker
+
+
+async def wait_for(condition: Callable[[], Awaitable[Any] | Any], timeout: float = 30, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.05)
+
+
+async def queue_counts() -> dict[str, int]:
+    """Messages ready in the main, delay and error queues of this test."""
+    settings = get_settings()
+    connection = AMQPConnection(settings)
+    await connection.open(max_time=10)
+    try:
+        channel = await connection.channel()
+        counts = {}
+        for queue in names.topology(settings):
+            found = await channel.queue_declare(queue, passive=True)
+            counts[queue] = found["message_count"]
+        return counts
+    finally:
+        await connection.close()
+
+
+async def publish_raw(body: bytes, headers: dict | None = None, routing_key: str | None = None) -> None:
+    """Publish bytes straight to the task queue, as a third party could."""
+    settings = get_settings()
+    connection = AMQPConnection(settings)
+    await connection.open(max_time=10)
+    try:
+        channel = await connection.channel(confirm=True)
+        properties: dict[str, Any] = {"delivery_mode": 2}
+        if headers:
+            properties["headers"] = headers
+        await channel.publish(body, settings.exchange, routing_key or settings.queue, properties=properties)
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(**kwargs: Any):
+    worker = Worker(**kwargs)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+async def cleanup_namespace(namespace: str) -> None:
+    """Delete the queues, exchange and Redis keys of one test; close its connections."""
+    for publisher in list(publishing._publishers.values()):
+        await publisher.close()
+    publishing._publishers.clear()
+    for name in ("memory", "redis"):
+        manager = query_utility(IStateManagerUtility, name=name)
+        if manager is not None:
+            await manager.finalize()
+    await _delete_queues(namespace)
+    await _delete_keys(f"test-{namespace}-")
+    from guillotina.contrib import redis as contrib_redis
+
+    driver = contrib_redis._driver
+    if driver is not None and driver.initialized:
+        await driver.finalize()
+
+
+async def _delete_queues(namespace: str) -> None:
+    import os
+
+    host, _, port = os.environ["RABBITMQ"].partition(":")
+    try:
+        transport, protocol = await aioamqp.connect(host=host, port=int(port))
+    except OSError:
+        return
+    try:
+        channel = await protocol.channel()
+        queue = f"test-{namespace}"
+        for name in (queue, names.delay_queue(queue), names.error_queue(queue)):
+            await channel.queue_delete(name)
+        await channel.exchange_delete(queue)
+    finally:
+        await protocol.close()
+        transport.close()
+
+
+async def _delete_keys(prefix: str) -> None:
+    import os
+
+    from redis.asyncio import Redis
+
+    host, _, port = os.environ["REDIS"].partition(":")
+    client = Redis(host=host, port=int(port))
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def amqp_block() -> dict:
+    return dict(app_settings["amqp"])
