@@ -97,7 +97,7 @@ class GetTask(TaskService):
     async def __call__(self) -> dict[str, Any]:
         state = await (await self.task_state()).get_state()
         job_data = state.pop("job_data", None)
-        policy = get_security_policy(get_authenticated_user())
+        policy: Any = get_security_policy(get_authenticated_user())  # a zope interface to mypy
         if job_data is not None and policy.check_permission("guillotina.DebugAMQP", self.context):
             state["job_data"] = _redacted(job_data)
         return state

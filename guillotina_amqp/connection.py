@@ -15,12 +15,14 @@ from guillotina_amqp.settings import AMQPSettings
 logger = logging.getLogger("guillotina_amqp")
 
 #: What a broken connection or channel raises; callers reconnect on these.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     aioamqp.AmqpClosedConnection,
     aioamqp.ChannelClosed,
     ConnectionError,
     OSError,
 )
+#: What closing a connection may raise besides: a broker that never answers the close.
+_CLOSE_ERRORS: tuple[type[Exception], ...] = (asyncio.TimeoutError, *CONNECTION_ERRORS)
 
 
 class AMQPConnection:
@@ -94,7 +96,7 @@ class AMQPConnection:
         if protocol is not None and protocol.state == aioamqp.protocol.OPEN:
             try:
                 await asyncio.wait_for(protocol.close(), 5)
-            except (asyncio.TimeoutError, *CONNECTION_ERRORS):
+            except _CLOSE_ERRORS:
                 pass
         if transport is not None:
             transport.close()

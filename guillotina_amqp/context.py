@@ -1,13 +1,17 @@
-"""The Guillotina context a task runs in: rebuilt request, db, container, user (SPEC §4.6)."""
+"""The Guillotina context a task runs in: rebuilt request, db, container, user (SPEC §4.6).
+
+Guillotina's objects are typed here by class or as Any: mypy reads the methods of a zope
+interface (IDatabase, IRegistry...) as if they lacked `self`, so interfaces cannot type them.
+"""
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from guillotina import task_vars
 from guillotina.auth.users import GuillotinaUser
 from guillotina.auth.utils import set_authenticated_user
 from guillotina.component import get_utility
-from guillotina.interfaces import ACTIVE_LAYERS_KEY, IApplication, IContainer, IDatabase, IPrincipal
+from guillotina.interfaces import ACTIVE_LAYERS_KEY, IApplication, IContainer, IRequest
 from guillotina.request import Request
 from guillotina.utils import get_database, get_registry, import_class
 from zope.interface import alsoProvides
@@ -26,12 +30,12 @@ def rebuild_request(req_data: dict) -> Request:
     request = Request(scheme, req_data.get("method") or "POST", path, query, raw_headers)
     for key, value in (req_data.get("annotations") or {}).items():
         request[key] = value
-    task_vars.request.set(request)
+    task_vars.request.set(cast(IRequest, request))
     task_vars.futures.set({})
     return request
 
 
-def user_from(req_data: dict) -> IPrincipal:
+def user_from(req_data: dict) -> GuillotinaUser:
     """The scheduling user, with the id, roles, groups and data the message carries."""
     if is_root(req_data):
         return get_utility(IApplication, name="root").root_user
@@ -51,8 +55,8 @@ def login(req_data: dict) -> None:
     set_authenticated_user(user_from(req_data))
 
 
-async def open_database(db_id: str) -> IDatabase:
-    db = await get_database(db_id)
+async def open_database(db_id: str) -> Any:
+    db: Any = await get_database(db_id)
     if db is None:
         raise ObjectNotFoundException(f"database {db_id} not found")
     task_vars.db.set(db)
@@ -67,7 +71,7 @@ async def enter_container(request: Request, root: Any, container_id: str) -> ICo
         raise ObjectNotFoundException(f"container {container_id} not found")
     task_vars.container.set(container)
     task_vars.registry.set(None)
-    registry = await get_registry(container)
+    registry: Any = await get_registry(container)
     layers = registry.get(ACTIVE_LAYERS_KEY, []) if registry is not None else []
     for layer in layers:
         try:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from guillotina.exceptions import TransactionNotFound
 from guillotina.transactions import get_transaction
-from guillotina.utils import execute, get_dotted_name
+from guillotina.utils import execute
 from zope.interface import implementer
 
 from guillotina_amqp import registry
@@ -27,7 +27,7 @@ class TaskDefinition:
         registry.register(func)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {get_dotted_name(self.func)}>"
+        return f"<{type(self).__name__} {registry.dotted_name(self.func)}>"
 
     async def __call__(self, *args: Any, **kwargs: Any) -> TaskState | None:
         return await self.schedule(*args, **kwargs)

@@ -68,7 +68,7 @@ class IStateManagerUtility(Interface):
     async def cancel(task_id):
         """Put the task in the cancel set; return True."""
 
-    async def cancelation_list():
+    async def cancelation_list():  # type: ignore[misc]  # zope interface methods take no self
         """Async-iterate the ids in the cancel set."""
 
     async def clean_canceled(task_id):

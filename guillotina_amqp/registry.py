@@ -10,7 +10,6 @@ import importlib
 from typing import Any, Callable
 
 from guillotina import app_settings
-from guillotina.utils import get_dotted_name
 
 from guillotina_amqp.exceptions import AMQPError, InvalidMessage, TaskNotAllowed
 from guillotina_amqp.interfaces import ITaskDefinition
@@ -28,9 +27,14 @@ _ALWAYS_ALLOWED = frozenset(
 )
 
 
+def dotted_name(func: Callable[..., Any]) -> str:
+    """The name a message carries for `func`: module.function."""
+    return f"{func.__module__}.{func.__name__}"
+
+
 def register(func: Callable[..., Any]) -> str:
     """Allow `func` to run on workers; return its dotted name."""
-    name = get_dotted_name(func)
+    name = dotted_name(func)
     _registered[name] = func
     return name
 

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Callable
 
 from guillotina import task_vars
 from guillotina.interfaces import IRequest
-from guillotina.utils import get_authenticated_user, get_content_path, get_dotted_name, navigate_to
+from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
 from guillotina_amqp import message as messages
 from guillotina_amqp import registry, settings
@@ -24,7 +24,7 @@ logger = logging.getLogger("guillotina_amqp")
 def _dotted_name(func: Any) -> str:
     if ITaskDefinition.providedBy(func):
         func = func.func
-    return func if isinstance(func, str) else get_dotted_name(func)
+    return func if isinstance(func, str) else registry.dotted_name(func)
 
 
 def _new_task_id(db_id: str | None, container_id: str | None) -> str:
@@ -92,7 +92,9 @@ def _unwrap(func: Any) -> Any:
 
 async def _load_object(callable_name: str, path: str) -> tuple[Callable[..., Any], Any]:
     func = registry.resolve(callable_name, settings.get_settings())
-    container = task_vars.container.get()
+    container: Any = task_vars.container.get()
+    if container is None:
+        raise ObjectNotFoundException(f"object {path} not found: the task runs outside a container")
     try:
         ob = await navigate_to(container, path) if path.strip("/") else container
     except KeyError:

@@ -62,7 +62,14 @@ def pg_settings(dbname: str) -> dict:
     host, port = _hostport("POSTGRESQL")
     return {
         "storage": "postgresql",
-        "dsn": {"scheme": "postgres", "dbname": dbname, "user": "postgres", "host": host, "port": port, "password": ""},
+        "dsn": {
+            "scheme": "postgres",
+            "dbname": dbname,
+            "user": "postgres",
+            "host": host,
+            "port": port,
+            "password": "",
+        },
     }
 
 

@@ -31,6 +31,8 @@ logger = logging.getLogger("guillotina_amqp")
 
 #: seconds a worker that failed a liveness check gets to close before it is killed
 FAILED_STOP_TIMEOUT = 10
+#: What stops a worker before it starts: bad settings, or a broker it cannot reach.
+_STARTUP_ERRORS: tuple[type[Exception], ...] = (AMQPError, *CONNECTION_ERRORS)
 
 
 class WorkerCommand(Command):
@@ -76,7 +78,7 @@ class WorkerCommand(Command):
             worker = Worker(max_size=arguments.max_running_tasks)
             await _check_state_store(worker.settings)
             await worker.start()
-        except (AMQPError, *CONNECTION_ERRORS) as exc:
+        except _STARTUP_ERRORS as exc:
             logger.error("amqp-worker could not start: %s", _describe(exc))
             self.exit_code = EXIT_STARTUP_FAILED
             return
