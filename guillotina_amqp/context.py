@@ -18,6 +18,7 @@ from zope.interface import alsoProvides
 
 from guillotina_amqp.exceptions import ObjectNotFoundException
 from guillotina_amqp.message import is_root, split_url
+from guillotina_amqp.task_vars import amqp_job
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -56,9 +57,8 @@ def login(req_data: dict) -> None:
 
 
 async def open_database(db_id: str) -> Any:
+    """The task's database; guillotina's DatabaseNotFound (the task errors) if this worker lacks it."""
     db: Any = await get_database(db_id)
-    if db is None:
-        raise ObjectNotFoundException(f"database {db_id} not found")
     task_vars.db.set(db)
     task_vars.tm.set(db.get_transaction_manager())
     return db
@@ -77,5 +77,5 @@ async def enter_container(request: Request, root: Any, container_id: str) -> ICo
         try:
             alsoProvides(request, import_class(layer))
         except ModuleNotFoundError:
-            logger.error("Cannot apply layer %s", layer)
+            logger.error("%s: cannot apply layer %s", getattr(amqp_job.get(None), "label", "Task"), layer)
     return container

@@ -71,6 +71,11 @@ class Job:
         return self.data["func"]
 
     @property
+    def label(self) -> str:
+        """How log lines name the task: its id and its function."""
+        return f"Task {self.task_id} ({self.dotted_name})"
+
+    @property
     def duration(self) -> float:
         return time.monotonic() - self.started if self.started is not None else 0.0
 
@@ -86,7 +91,7 @@ class Job:
             self.result = await self._run_in_context()
             return Outcome.FINISHED
         except ObjectNotFoundException as exc:
-            logger.warning("Task %s (%s): %s; finishing without result", self.task_id, self.dotted_name, exc)
+            logger.warning("%s: %s; finishing without result", self.label, exc)
             self.result = None
             return Outcome.FINISHED
         except asyncio.CancelledError:
@@ -95,7 +100,7 @@ class Job:
             return Outcome.INTERRUPTED
         except Exception:
             self.error = traceback.format_exc()
-            logger.error("Task %s (%s) failed:\n%s", self.task_id, self.dotted_name, self.error)
+            logger.error("%s failed:\n%s", self.label, self.error)
             return Outcome.ERRORED
 
     async def _run_in_context(self) -> Any:
@@ -146,7 +151,7 @@ class Job:
             elif kind is MessageType.DEBUG:
                 await self.log_event(str(item[1]))
             else:
-                logger.warning("Task %s (%s) yielded %r: ignored", self.task_id, self.dotted_name, item)
+                logger.warning("%s yielded %r: ignored", self.label, item)
         return results or None
 
     async def log_event(self, text: str) -> None:

@@ -19,10 +19,12 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import aioamqp
+import orjson
 from aioamqp.channel import Channel
 
 from guillotina_amqp import metrics, names
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
+from guillotina_amqp.exceptions import InvalidMessage
 
 logger = logging.getLogger("guillotina_amqp.liveness")
 
@@ -35,8 +37,8 @@ EXIT_LOOP_BLOCKED = 5  #: the event loop did not run for --auto-kill-timeout s
 #: exit_code(reason) -> called once when a check fails
 FailureCallback = Callable[[int, str], None]
 
+#: marks a no-op probe; whom it is for travels in the body, which signing covers
 PROBE_HEADER = "x-guillotina-amqp-probe"
-PROBE_HOPS_HEADER = "x-guillotina-amqp-probe-hops"
 #: a probe bounces between workers until its sender takes it; give up after this many hops
 MAX_PROBE_HOPS = 50
 
@@ -166,7 +168,7 @@ class ActivityCheck:
         noop_after: float,
         kill_after: float,
         busy: Callable[[], bool],
-        publish: Callable[[bytes, dict], Awaitable[None]],
+        publish: Callable[[bytes], Awaitable[None]],
         on_failure: FailureCallback,
     ) -> None:
         self.worker_id = worker_id
@@ -207,7 +209,7 @@ class ActivityCheck:
 
     async def _send_probe(self) -> None:
         try:
-            await self.publish(b"{}", {PROBE_HEADER: self.worker_id, PROBE_HOPS_HEADER: 0})
+            await self.publish(probe_body(self.worker_id, hops=0))
         except Exception as exc:
             logger.warning("Worker %s could not publish its no-op probe: %r", self.worker_id, exc)
             return
@@ -219,36 +221,37 @@ class ActivityCheck:
         logger.debug("Worker %s: no-op probe came back", self.worker_id)
 
 
-def probe_sender(headers: dict | None) -> str | None:
-    """The worker id a no-op probe is addressed to, or None for any other message."""
-    if not headers:
-        return None
-    sender = headers.get(PROBE_HEADER)
-    if isinstance(sender, bytes):
-        sender = sender.decode(errors="replace")
-    return sender if isinstance(sender, str) else None
+def probe_body(sender: str, hops: int) -> bytes:
+    return orjson.dumps({"probe": sender, "hops": hops})
+
+
+def is_probe(headers: dict | None) -> bool:
+    return headers is not None and PROBE_HEADER in headers
 
 
 async def handle_probe(
-    headers: dict,
+    body: bytes,
     own_id: str,
     activity: ActivityCheck | None,
-    forward: Callable[[bytes, dict], Awaitable[None]],
+    forward: Callable[[bytes], Awaitable[None]],
 ) -> bool:
     """Take our own probe back, or send another worker's on towards its sender (caller acks).
 
-    Return whether the probe was sent on.
+    Return whether the probe was sent on; InvalidMessage for a malformed one.
     """
-    sender = probe_sender(headers)
+    try:
+        found = orjson.loads(body)
+        sender, hops = str(found["probe"]), int(found["hops"]) + 1
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        raise InvalidMessage("malformed no-op probe") from None
     if sender == own_id:
         if activity is not None:
             activity.probe_returned()
         return False
-    hops = int(headers.get(PROBE_HOPS_HEADER) or 0) + 1
     if hops > MAX_PROBE_HOPS:
         logger.debug("No-op probe of worker %s dropped after %s hops", sender, hops - 1)
         return False
-    await forward(b"{}", {PROBE_HEADER: sender, PROBE_HOPS_HEADER: hops})
+    await forward(probe_body(sender, hops))
     return True
 
 

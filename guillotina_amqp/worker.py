@@ -132,8 +132,9 @@ class Worker:
             self.exit_code = exit_code
         self.failed.set()
 
-    async def _publish_probe(self, body: bytes, headers: dict) -> None:
+    async def _publish_probe(self, body: bytes) -> None:
         assert self.publisher is not None
+        headers = {liveness.PROBE_HEADER: "1"}
         await self.publisher.publish(body, self.settings.queue, retries=0, headers=headers)
 
     async def _consume(self) -> None:
@@ -183,9 +184,8 @@ class Worker:
             except asyncio.TimeoutError:
                 for task_id, (job, _) in list(self._running.items()):
                     logger.warning(
-                        "Task %s (%s) still running after %gs: canceled and left for redelivery",
-                        task_id,
-                        job.dotted_name,
+                        "%s still running after %gs: canceled and left for redelivery",
+                        job.label,
                         timeout,
                     )
         await self.stop()
@@ -222,7 +222,7 @@ class Worker:
             self._idle.set()
 
     async def _handle(self, delivery: Delivery) -> None:
-        if liveness.probe_sender(delivery.headers) is not None:
+        if liveness.is_probe(delivery.headers):
             await self._handle_probe(delivery)
             return
         try:
@@ -240,34 +240,38 @@ class Worker:
             except Exception:
                 # infrastructure trouble (state manager down...): keep the message, try later
                 logger.exception(
-                    "Task %s (%s): could not be handled; sending it to the delay queue",
-                    job.task_id,
-                    job.dotted_name,
+                    "%s: could not be handled; sending it to the delay queue",
+                    job.label,
                 )
-                await self._delay(delivery, job.task_id)
+                await self._delay(delivery, job.label)
 
     async def _handle_probe(self, delivery: Delivery) -> None:
-        """A no-op probe of the activity check: ours comes back, another worker's goes on."""
-        assert delivery.headers is not None
+        """A no-op probe of the activity check: ours comes back, another worker's goes on.
+
+        Probes are verified like tasks: an unsigned one could otherwise make every worker
+        re-publish (and sign) whatever a stranger put in the queue.
+        """
         try:
-            if await liveness.handle_probe(
-                delivery.headers, self.worker_id, self.activity, self._publish_probe
-            ):
+            messages.verify(delivery.body, delivery.headers, self.settings)
+            if await liveness.handle_probe(delivery.body, self.worker_id, self.activity, self._publish_probe):
                 self.probes_forwarded += 1
+        except InvalidMessage as exc:
+            await self._refuse(delivery, exc)
+            return
         except Exception as exc:
             logger.debug("Worker %s could not forward a no-op probe: %r", self.worker_id, exc)
-        await self._ack(delivery, None)
+        await self._ack(delivery, "No-op probe")
 
     async def _claim_and_run(self, delivery: Delivery, job: Job) -> None:
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
             # maybe a dead worker's lock: never drop the task, try again after the delay
-            logger.info("Task %s (%s) is locked by another worker; delaying it", job.task_id, job.dotted_name)
-            await self._delay(delivery, job.task_id)
+            logger.info("%s is locked by another worker; delaying it", job.label)
+            await self._delay(delivery, job.label)
             return
         if claim.outcome != CLAIMED:
-            logger.info("Task %s (%s) is %s; skipping it", job.task_id, job.dotted_name, claim.outcome)
-            await self._ack(delivery, job.task_id)
+            logger.info("%s is %s; skipping it", job.label, claim.outcome)
+            await self._ack(delivery, job.label)
             return
         job.retries = claim.job_retries
         outcome = await self._run(job, claim.eventlog)
@@ -292,17 +296,17 @@ class Worker:
         if outcome is Outcome.INTERRUPTED:
             # not acked: the broker redelivers it; free the lock so another worker can claim it
             await self._record(job, {"status": TaskStatus.SCHEDULED})
-            logger.warning("Task %s (%s) interrupted; left for redelivery", job.task_id, job.dotted_name)
+            logger.warning("%s interrupted; left for redelivery", job.label)
             return
         self.total_run += 1
         metrics.observe(job.dotted_name, outcome.value, job.data.get("container_id"), job.duration)
         if outcome is Outcome.FINISHED:
             await self._record(job, {"status": TaskStatus.FINISHED, "result": job.result})
-            await self._ack(delivery, job.task_id)
+            await self._ack(delivery, job.label)
         elif outcome is Outcome.CANCELED:
             await self._record(job, {"status": TaskStatus.CANCELED})
             await self.state_manager.clean_canceled(job.task_id)
-            await self._ack(delivery, job.task_id)
+            await self._ack(delivery, job.label)
         else:
             self.total_errored += 1
             await self._settle_error(delivery, job)
@@ -312,15 +316,14 @@ class Worker:
         if self.max_task_retries is not None and job.retries >= self.max_task_retries:
             await self._record(job, {**failed, "job_retries": job.retries})
             logger.error(
-                "Task %s (%s) failed %s times; sending it to the error queue",
-                job.task_id,
-                job.dotted_name,
+                "%s failed %s times; sending it to the error queue",
+                job.label,
                 job.retries + 1,
             )
-            await self._nack(delivery, job.task_id)
+            await self._nack(delivery, job.label)
             return
         await self._record(job, {**failed, "job_retries": job.retries + 1})
-        await self._delay(delivery, job.task_id)
+        await self._delay(delivery, job.label)
 
     async def _record(self, job: Job, data: dict) -> None:
         data["updated"] = time.time()
@@ -340,14 +343,14 @@ class Worker:
                     self.settings.state_ttl,
                     self.worker_id,
                 )
-        await self._nack(delivery, task_id)
+        await self._nack(delivery, f"Task {task_id or '(no task id)'}")
 
-    async def _delay(self, delivery: Delivery, task_id: str | None) -> None:
+    async def _delay(self, delivery: Delivery, label: str) -> None:
         """Republish to the delay queue (confirmed) and only then ack the original."""
         assert self.publisher is not None
         if not delivery.channel.is_open:
             # the broker already requeued the original: a delayed copy would make it run twice
-            logger.warning("Task %s: its channel closed; the broker will redeliver it", task_id)
+            logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
         try:
             await self.publisher.publish(
@@ -356,24 +359,24 @@ class Worker:
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back
             # to the main queue instead (after a pause, not to spin while the broker struggles)
-            logger.exception("Task %s: could not publish to the delay queue; requeueing it", task_id)
+            logger.exception("%s: could not publish to the delay queue; requeueing it", label)
             await asyncio.sleep(REQUEUE_PAUSE)
-            await self._nack(delivery, task_id, requeue=True)
+            await self._nack(delivery, label, requeue=True)
             return
-        await self._ack(delivery, task_id)
+        await self._ack(delivery, label)
 
-    async def _ack(self, delivery: Delivery, task_id: str | None) -> None:
+    async def _ack(self, delivery: Delivery, label: str) -> None:
         try:
             await delivery.channel.basic_client_ack(delivery.envelope.delivery_tag)
         except CONNECTION_ERRORS:
-            logger.warning("Task %s: ack lost with the channel; the broker will redeliver it", task_id)
+            logger.warning("%s: ack lost with the channel; the broker will redeliver it", label)
 
-    async def _nack(self, delivery: Delivery, task_id: str | None, requeue: bool = False) -> None:
+    async def _nack(self, delivery: Delivery, label: str, requeue: bool = False) -> None:
         """Without requeue the main queue dead-letters the message into the error queue."""
         try:
             await delivery.channel.basic_client_nack(delivery.envelope.delivery_tag, requeue=requeue)
         except CONNECTION_ERRORS:
-            logger.warning("Task %s: nack lost with the channel; the broker will redeliver it", task_id)
+            logger.warning("%s: nack lost with the channel; the broker will redeliver it", label)
 
     # -- background loops -----------------------------------------------------
     async def _status_loop(self) -> None:
@@ -394,7 +397,7 @@ class Worker:
             entry = self._running.get(task_id)
             if entry is not None:
                 job, task = entry
-                logger.info("Task %s (%s) canceled while running", task_id, job.dotted_name)
+                logger.info("%s canceled while running", job.label)
                 job.cancel_requested = True
                 task.cancel()
 

@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 from guillotina.transactions import transaction
 
 from guillotina_amqp import add_object_task
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests import app
 from tests.test_context import enter_container
+from tests.test_security import publish, task_message
 from tests.utils import queue_counts, running_worker
 
 
@@ -90,3 +92,15 @@ async def test_object_deleted_before_the_task_ran(container_requester):
         assert final["result"] is None
         assert final.get("job_retries", 0) == 0
         assert set((await queue_counts()).values()) == {0}  # acked: neither retried nor dead-lettered
+
+
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 0}})
+async def test_task_of_a_database_the_worker_lacks_errors(guillotina_main):
+    # unlike a deleted object, a missing database is the worker's configuration: never "finished"
+    message = task_message("tests.app.add", 1, 2)
+    message.update(db_id="no-such-db", container_id="guillotina")
+    task_id = await publish(message)
+    async with running_worker():
+        final = await TaskState(task_id).join()
+    assert final["status"] == TaskStatus.ERRORED
+    assert "DatabaseNotFound: no-such-db" in final["error"]

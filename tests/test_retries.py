@@ -1,5 +1,7 @@
 """A failing task is retried through the delay queue, then dead-lettered (SPEC §4 step 9)."""
 
+import logging
+
 import pytest
 from guillotina import task_vars
 
@@ -57,6 +59,18 @@ async def _delayed() -> bool:
 
 async def _in_error_queue() -> bool:
     return (await counts())[2] == 1
+
+
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 1, "delayed_ttl_ms": 200}})
+async def test_every_log_line_about_a_task_names_it_and_its_function(guillotina_main, tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG, logger="guillotina_amqp"):
+        state = await add_task(app.fail_until, str(tmp_path / "runs"), 100)
+        async with running_worker():
+            await wait_for(lambda: _in_error_queue(), timeout=60, what="the message in the error queue")
+
+    about_task = [r.getMessage() for r in caplog.records if state.task_id in r.getMessage()]
+    assert len(about_task) >= 3, about_task  # two failures, then the dead-lettering
+    assert all("(tests.app.fail_until)" in line for line in about_task), about_task
 
 
 @pytest.mark.app_settings({"amqp": {"max_task_retries": 5}})

@@ -22,7 +22,7 @@ from guillotina.auth.users import GuillotinaUser
 from guillotina.auth.utils import authenticate_user
 from guillotina.interfaces import Allow
 
-from guillotina_amqp import add_task, names, registry
+from guillotina_amqp import add_task, liveness, names, registry
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import InvalidMessage, TaskNotAllowed
 from guillotina_amqp.settings import get_settings
@@ -265,6 +265,24 @@ async def test_badly_signed_message_is_refused(signed_worker, marker, caplog, fo
     assert (await get_state_manager().get(task_id))["status"] == TaskStatus.SCHEDULED
     assert "sign" in caplog.text
     assert (await error_queue_count()) == 1
+
+
+async def test_unsigned_noop_probe_is_refused_not_forwarded(signed_worker):
+    # a forged probe must not make workers re-publish, and sign, what a stranger queued
+    await publish_raw(liveness.probe_body("another-worker", hops=0), {liveness.PROBE_HEADER: "1"})
+    await wait_error_queue()
+    assert signed_worker.probes_forwarded == 0
+
+
+async def test_signed_noop_probe_of_another_worker_is_forwarded(signed_worker):
+    body = liveness.probe_body("another-worker", hops=liveness.MAX_PROBE_HOPS - 1)
+    await publish_raw(body, {liveness.PROBE_HEADER: "1", **signed(body, "current-key")})
+    await wait_for(lambda: _forwarded(signed_worker), timeout=30, what="the probe to be sent on")
+    assert (await error_queue_count()) == 0
+
+
+async def _forwarded(worker) -> bool:
+    return worker.probes_forwarded > 0
 
 
 @pytest.mark.parametrize("signing_keys", [{"signing_key": "new-key", "previous_signing_keys": []}])

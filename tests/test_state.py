@@ -313,6 +313,19 @@ async def test_claim_of_a_task_locked_by_another_worker(state, manager):
 
 
 @BOTH
+async def test_claim_of_a_locked_task_leaves_its_cancel_to_the_lock_holder(state, manager):
+    # a redelivered copy must not swallow the cancel the running worker is about to act on
+    task_id = new_id()
+    await state.update(task_id, {"status": TaskStatus.RUNNING})
+    with as_worker(state, OTHER_WORKER):
+        await state.acquire(task_id, 60)
+    await state.cancel(task_id)
+    assert (await state.claim(task_id, JOB, lock_ttl=60)).outcome == LOCKED
+    assert await state.canceled_among([task_id]) == {task_id}
+    assert (await state.get(task_id))["status"] == TaskStatus.RUNNING
+
+
+@BOTH
 async def test_finish_merges_releases_and_expires(state, manager):
     task_id = new_id()
     await state.update(task_id, {"job_retries": 1})

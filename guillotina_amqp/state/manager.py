@@ -62,8 +62,9 @@ class StateManager(abc.ABC):
     @abc.abstractmethod
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
         """Atomically: record `scheduled` if new; if finished/canceled report DONE (and drop
-        any late cancel); if in the cancel set mark it canceled; if locked report LOCKED;
-        else take the lock, store `job_data` and mark the task running."""
+        any late cancel); if locked report LOCKED (a cancel stays for the lock holder); if
+        in the cancel set mark it canceled; else take the lock, store `job_data` and mark
+        the task running."""
 
     @abc.abstractmethod
     async def finish(

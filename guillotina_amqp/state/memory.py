@@ -97,15 +97,16 @@ class MemoryStateManager(StateManager):
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
         await self.create(task_id, initial_state())
-        # a late cancel of a task that already ended changes nothing (and is forgotten)
-        canceled = self._canceled.pop(task_id, None) is not None
         if (await self.get(task_id)).get("status") in DONE_STATUSES:
+            # a late cancel of a task that already ended changes nothing (and is forgotten)
+            self._canceled.pop(task_id, None)
             return Claim(DONE)
-        if canceled:
+        if self._locks.live(task_id) is not None:
+            # the cancel is left for the worker running the task (its status loop acts on it)
+            return Claim(LOCKED)
+        if self._canceled.pop(task_id, None) is not None:
             self._merge(task_id, {"status": TaskStatus.CANCELED}, self.state_ttl)
             return Claim(CANCELED)
-        if self._locks.live(task_id) is not None:
-            return Claim(LOCKED)
         self._locks.put(task_id, owner or self.worker_id, lock_ttl)
         running = {"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()}
         state = self._merge(task_id, running, self.state_ttl)

@@ -49,15 +49,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local status = redis.call('HGET', KEYS[1], 'status')
--- a late cancel of a task that already ended changes nothing (and is forgotten)
-local canceled = redis.call('ZREM', KEYS[3], ARGV[1]) == 1
-if status == '"finished"' or status == '"canceled"' then return {'done'} end
-if canceled then
+if status == '"finished"' or status == '"canceled"' then
+  -- a late cancel of a task that already ended changes nothing (and is forgotten)
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {'done'}
+end
+-- locked: the cancel is left for the worker running the task (its status loop acts on it)
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'locked'} end
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"canceled"')
   redis.call('PUBLISH', ARGV[5], 'canceled')
   return {'canceled'}
 end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 7 + 2 * n))
 redis.call('PUBLISH', ARGV[5], 'running')
 local found = redis.call('HMGET', KEYS[1], 'job_retries', 'eventlog')
