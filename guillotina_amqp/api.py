@@ -1,6 +1,6 @@
 """REST services on containers: list, read and cancel tasks (SPEC §7)."""
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from guillotina import configure, task_vars
 from guillotina.api.service import Service
@@ -14,6 +14,25 @@ from guillotina_amqp.names import in_container, task_id_prefix
 from guillotina_amqp.state import TaskState, get_state_manager
 
 NOT_FOUND = {"reason": "Task not found"}
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _service(method: str, name: str, alias: str, summary: str) -> Callable[[Handler], Handler]:
+    """Register a service on containers under its name and the original plugin's old name."""
+
+    def register(handler: Handler) -> Handler:
+        deprecated = f"Deprecated alias of {method} {name}"
+        for service_name, text in ((name, summary), (alias, deprecated)):
+            configure.service(
+                context=IContainer,
+                method=method,
+                name=service_name,
+                permission="guillotina.ManageAMQP",
+                summary=text,
+            )(handler)
+        return handler
+
+    return register
 
 
 def _container_prefix(context: Any) -> str:
@@ -57,20 +76,7 @@ class TaskService(Service):
         return TaskState(task_id)
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-tasks",
-    permission="guillotina.ManageAMQP",
-    summary="List the ids of this container's tasks",
-)
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-info",
-    permission="guillotina.ManageAMQP",
-    summary="Deprecated alias of GET @amqp-tasks",
-)
+@_service("GET", "@amqp-tasks", "@amqp-info", "List the ids of this container's tasks")
 async def list_tasks(context: Any, request: Any) -> list[str]:
     prefix = _container_prefix(context)
     found = [task_id async for task_id in get_state_manager().list(prefix) if in_container(task_id, prefix)]
@@ -79,19 +85,11 @@ async def list_tasks(context: Any, request: Any) -> list[str]:
     return found
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-tasks/{task_id}",
-    permission="guillotina.ManageAMQP",
-    summary="A task's state; job_data only with guillotina.DebugAMQP",
-)
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-info/{task_id}",
-    permission="guillotina.ManageAMQP",
-    summary="Deprecated alias of GET @amqp-tasks/{task_id}",
+@_service(
+    "GET",
+    "@amqp-tasks/{task_id}",
+    "@amqp-info/{task_id}",
+    "A task's state; job_data only with guillotina.DebugAMQP",
 )
 class GetTask(TaskService):
     async def __call__(self) -> dict[str, Any]:
@@ -103,20 +101,7 @@ class GetTask(TaskService):
         return state
 
 
-@configure.service(
-    context=IContainer,
-    method="DELETE",
-    name="@amqp-tasks/{task_id}",
-    permission="guillotina.ManageAMQP",
-    summary="Cancel a task",
-)
-@configure.service(
-    context=IContainer,
-    method="DELETE",
-    name="@amqp-cancel/{task_id}",
-    permission="guillotina.ManageAMQP",
-    summary="Deprecated alias of DELETE @amqp-tasks/{task_id}",
-)
+@_service("DELETE", "@amqp-tasks/{task_id}", "@amqp-cancel/{task_id}", "Cancel a task")
 class CancelTask(TaskService):
     async def __call__(self) -> bool:
         return await (await self.task_state()).cancel()

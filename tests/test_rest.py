@@ -98,6 +98,8 @@ async def test_unknown_and_foreign_tasks_are_not_found(container_requester, meth
         ("GET", "@amqp-tasks/{id}"),
         ("DELETE", "@amqp-tasks/{id}"),
         ("GET", "@amqp-info"),
+        ("GET", "@amqp-info/{id}"),
+        ("DELETE", "@amqp-cancel/{id}"),
     ],
 )
 async def test_anonymous_is_refused(container_requester, method, path):

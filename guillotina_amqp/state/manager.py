@@ -1,6 +1,7 @@
 """What the worker asks of a state manager beyond SPEC §5, and how to find one."""
 
 import abc
+import asyncio
 import contextlib
 import time
 import uuid
@@ -35,12 +36,17 @@ def initial_state() -> dict[str, Any]:
     return {"status": TaskStatus.SCHEDULED, "eventlog": [], "job_retries": 0, "updated": time.time()}
 
 
-class Watch(abc.ABC):
+class Watch:
     """Wakes a waiter when a task's state changes (no polling)."""
 
-    @abc.abstractmethod
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
     async def wait(self, timeout: float) -> None:
         """Return on the next change, or after `timeout` seconds."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout)
+        self.event.clear()
 
 
 @implementer(IStateManagerUtility)

@@ -1,6 +1,5 @@
 """State kept in process memory, with the same semantics (TTLs included) as Redis."""
 
-import asyncio
 import contextlib
 import time
 from typing import Any, AsyncIterator, Iterable
@@ -54,16 +53,6 @@ class _Expiring(dict):
             self.put(key, self[key][0], ttl)
 
 
-class _MemoryWatch(Watch):
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
-        self.event.clear()
-
-
 @configure.utility(provides=IStateManagerUtility, name="memory")
 class MemoryStateManager(StateManager):
     def __init__(self) -> None:
@@ -71,7 +60,7 @@ class MemoryStateManager(StateManager):
         self._states = _Expiring()
         self._locks = _Expiring()
         self._canceled: dict[str, float] = {}
-        self._watches: dict[str, set[_MemoryWatch]] = {}
+        self._watches: dict[str, set[Watch]] = {}
 
     def _changed(self, task_id: str) -> None:
         for watch in self._watches.get(task_id, ()):
@@ -129,7 +118,7 @@ class MemoryStateManager(StateManager):
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
-        watch = _MemoryWatch()
+        watch = Watch()
         self._watches.setdefault(task_id, set()).add(watch)
         try:
             yield watch

@@ -204,7 +204,7 @@ class _Notifier:
     def __init__(self, client: Redis, pattern: str) -> None:
         self.client = client
         self.pattern = pattern
-        self.watches: dict[str, set["_RedisWatch"]] = {}
+        self.watches: dict[str, set["Watch"]] = {}
         self.ready = asyncio.Event()
         self.task = asyncio.create_task(self._listen())
 
@@ -240,16 +240,6 @@ class _Notifier:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self.task
-
-
-class _RedisWatch(Watch):
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
-        self.event.clear()
 
 
 @configure.utility(provides=IStateManagerUtility, name="redis")
@@ -345,7 +335,7 @@ class RedisStateManager(StateManager):
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
         notifier = await self._get_notifier()
         channel = names.done_channel(self.prefix, task_id)
-        watch = _RedisWatch()
+        watch = Watch()
         notifier.watches.setdefault(channel, set()).add(watch)
         try:
             yield watch
