@@ -290,3 +290,102 @@ async def fail_when_told(path: str, go: str) -> None:
             break
         await asyncio.sleep(0.05)
     raise RuntimeError("failing when told")
+
+
+# -- context tests: layers, registry, user data, request futures (tests/test_context.py) --
+
+from guillotina.addons import Addon  # noqa: E402
+from guillotina.interfaces import ILayers  # noqa: E402
+from guillotina.utils import get_database, get_registry  # noqa: E402
+from guillotina.utils.execute import after_request  # noqa: E402
+
+TEST_LAYER = "tests.app.IAMQPTestLayer"
+TEST_RECORD = "tests.app.amqp_record"
+
+
+class IAMQPTestLayer(Interface):
+    """Marker layer that the "amqp-test-layer" add-on activates on its container."""
+
+
+@configure.addon(name="amqp-test-layer", title="guillotina_amqp tests: a layer and a registry record")
+class LayerAddon(Addon):
+    @classmethod
+    async def install(cls, container: Any, request: Any) -> None:
+        registry = await get_registry()
+        registry.for_interface(ILayers)["active_layers"] |= {TEST_LAYER}
+        registry[TEST_RECORD] = f"set in {container.id}"
+
+    @classmethod
+    async def uninstall(cls, container: Any, request: Any) -> None:
+        registry = await get_registry()
+        registry.for_interface(ILayers)["active_layers"] -= {TEST_LAYER}
+        registry[TEST_RECORD] = None
+
+
+async def layer_info() -> dict:
+    """Whether the rebuilt request provides the test layer; the test record as the registry holds it."""
+    request = task_vars.request.get()
+    var_registry = task_vars.registry.get()
+    registry = await get_registry()
+    return {
+        "layer": IAMQPTestLayer.providedBy(request),
+        "record_task_var": var_registry.get(TEST_RECORD) if var_registry is not None else None,
+        "record_get_registry": registry.get(TEST_RECORD) if registry is not None else None,
+    }
+
+
+class DataTokenUserIdentifier(TokenUserIdentifier):
+    """TokenUserIdentifier whose users also carry the token's `data` and `headers` claims."""
+
+    async def get_user(self, token: dict) -> GuillotinaUser:
+        user = await super().get_user(token)
+        claims = token.get("decoded", {})
+        user.data = dict(claims.get("data", {}))  # type: ignore[attr-defined]
+        user.headers = dict(claims.get("headers", {}))  # type: ignore[attr-defined]
+        return user
+
+
+async def user_info() -> dict:
+    """The logged-in user's id, data and headers, as the task sees them."""
+    user = get_authenticated_user()
+    return {
+        "user": getattr(user, "id", None),
+        "data": getattr(user, "data", None),
+        "headers": getattr(user, "headers", None),
+    }
+
+
+@configure.service(context=IContainer, method="POST", name="@test-run", permission="guillotina.AccessContent")
+async def schedule_named(context: Any, request: Any) -> dict:
+    """Schedules the task of tests.app that the body names (one of RUNNABLE)."""
+    func = RUNNABLE[(await request.json())["task"]]
+    state = await add_task(func)
+    return {"task_id": state.task_id}
+
+
+RUNNABLE = {"user_info": user_info, "layer_info": layer_info}
+
+#: what each request future of create_item_with_future saw when it ran (in-process workers)
+FUTURES_RAN: list[dict] = []
+
+
+async def create_item_with_future(item_id: str, title: str) -> str:
+    """create_item, plus a request future recording whether the item was committed when it ran."""
+    after_request(record_item_visible, task_vars.db.get().id, task_vars.container.get().id, item_id)
+    return await create_item(item_id, title)
+
+
+async def record_item_visible(db_id: str, container_id: str, item_id: str) -> None:
+    """Looks for the item in a transaction of its own: only committed content is there."""
+    seen: dict[str, Any] = {"item": item_id}
+    try:
+        tm = (await get_database(db_id)).get_transaction_manager()
+        txn = await tm.begin()
+        try:
+            container = await (await tm.get_root(txn=txn)).async_get(container_id)
+            seen["visible"] = await container.async_contains(item_id)
+        finally:
+            await tm.abort(txn=txn)
+    except Exception as exc:  # the test shows it rather than timing out on nothing
+        seen["error"] = repr(exc)
+    FUTURES_RAN.append(seen)

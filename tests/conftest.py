@@ -4,6 +4,7 @@ Each test gets its own exchange, queue names and Redis key prefix, so tests
 never see each other's messages or state.
 """
 
+import logging
 import os
 import uuid
 
@@ -18,7 +19,7 @@ import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 from guillotina import testing  # noqa: E402
 
-pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures"]
+pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures", "tests.own_redis"]
 
 NAMESPACE: dict[str, str] = {"id": "unset", "manager": "redis"}  # "pg": database name, when used
 
@@ -121,3 +122,19 @@ async def worker(guillotina_main):
 
     async with running_worker() as running:
         yield running
+
+
+@pytest.fixture
+def outside_container():
+    """Schedule as code running outside any request, container or database."""
+    from guillotina import task_vars
+
+    for var in (task_vars.request, task_vars.container, task_vars.db):
+        var.set(None)
+
+
+@pytest.fixture
+def info_logs(caplog):
+    """Capture guillotina_amqp's INFO lines too (tests that count what the worker logged)."""
+    caplog.set_level(logging.INFO, "guillotina_amqp")
+    return caplog

@@ -5,7 +5,7 @@ import logging
 import re
 
 import pytest
-from guillotina import app_settings, task_vars
+from guillotina import app_settings
 from guillotina.component import query_utility
 
 import guillotina_amqp
@@ -28,13 +28,6 @@ async def multiply(a: int, b: int) -> int:
 
 #: `task(func, retries=...)`: the non-decorator spelling.
 multiply_task = task(multiply, retries=2)
-
-
-@pytest.fixture
-def outside_container():
-    """Schedule as code running outside any request, container or database."""
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
 
 
 @pytest.fixture

@@ -5,22 +5,18 @@ import uuid
 
 import orjson
 import pytest
-from guillotina import task_vars
 
 from guillotina_amqp import add_task, cancel_task
 from guillotina_amqp.names import task_id_prefix
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests import app
-from tests.utils import publish_raw, queue_counts, running_worker, wait_for
+from tests.utils import lines, publish_raw, queue_counts, running_worker, wait_for
 
 BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
 HOW = pytest.mark.parametrize("how", ["cancel_task", "TaskState.cancel", "DELETE @amqp-tasks"])
 
 
-@pytest.fixture(autouse=True)
-def outside_container():
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
+pytestmark = pytest.mark.usefixtures("outside_container")
 
 
 def container_task_id() -> str:
@@ -40,10 +36,6 @@ async def cancel(requester, how: str, task_id: str) -> None:
 
 async def all_empty() -> bool:
     return set((await queue_counts()).values()) == {0}
-
-
-def lines(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 @BOTH_MANAGERS

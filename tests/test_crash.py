@@ -9,14 +9,10 @@ from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus
 from tests import app
 from tests.subprocess_worker import WorkerProcess, worker_config
-from tests.utils import queue_counts, wait_for
+from tests.utils import lines, queue_counts, wait_for
 
 #: the dead worker's lock outlives it by at most this (seconds): the retry must wait it out
 LOCK_TTL = 2
-
-
-def lines(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 async def all_empty() -> bool:

@@ -5,17 +5,12 @@ connection_name our clients announce; Redis outages use a redis-server of the te
 """
 
 import asyncio
-import contextlib
-import logging
-import socket
 import subprocess
-import time
 import uuid
 
 import aioamqp
 import orjson
 import pytest
-from guillotina import task_vars
 
 from guillotina_amqp import add_task
 from guillotina_amqp.connection import AMQPConnection
@@ -24,22 +19,10 @@ from guillotina_amqp.publishing import Publisher, get_publisher
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
-from tests.utils import publish_raw, queue_counts, running_worker, wait_for
+from tests.own_redis import OWN_REDIS
+from tests.utils import lines, logged, publish_raw, queue_counts, running_worker, wait_for
 
-
-@pytest.fixture(autouse=True)
-def outside_container(caplog):
-    caplog.set_level(logging.INFO, "guillotina_amqp")
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
-
-
-def lines(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def logged(caplog, *words: str) -> int:
-    return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
+pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 
 
 async def counts() -> list[int]:
@@ -265,56 +248,7 @@ async def test_publish_to_a_routing_key_without_queue_raises(guillotina_main):
 # -- Redis goes away for a while -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-OWN_REDIS_PORT = _free_port()
-
-
-class OwnRedis:
-    """A redis-server of this test's own that keeps its data across restarts (AOF)."""
-
-    def __init__(self, port: int, directory: str) -> None:
-        self.port = port
-        self.directory = directory
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.directory],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            assert time.monotonic() < deadline and self.process.poll() is None, (
-                "own redis-server did not start"
-            )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = OwnRedis(OWN_REDIS_PORT, str(tmp_path))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.mark.app_settings({"redis": {"host": "127.0.0.1", "port": OWN_REDIS_PORT}})
+@OWN_REDIS
 async def test_redis_outage_loses_no_task_and_leaves_none_running(
     own_redis, guillotina_main, tmp_path, caplog
 ):

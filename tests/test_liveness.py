@@ -6,7 +6,10 @@ tasks they still run, and their exit codes (guillotina_amqp.liveness.EXIT_*).
 
 import asyncio
 import contextlib
+import json
 import re
+import time
+import uuid
 
 import pytest
 
@@ -51,23 +54,90 @@ async def rabbitmqctl(*args: str) -> str:
     return out.decode()
 
 
+async def rabbitmq_list(what: str, *columns: str) -> list[dict]:
+    """`rabbitmqctl list_<what> <columns>` as a list of dicts."""
+    out = await rabbitmqctl(f"list_{what}", *columns, "--formatter", "json")
+    return json.loads(out[out.index("[") :])
+
+
+def arguments(table: list) -> dict:
+    """{name: value} of an AMQP table as rabbitmqctl's json shows it: [[name, type, value], ...]."""
+    return {name: value for name, _type, value in table}
+
+
+BEACON_BACK = "Beacon back on beacon-"
+
+
 # -- beacons ------------------------------------------------------------------------
 
 
 async def test_healthy_worker_keeps_beaconing_past_three_ttls(guillotina_main):
-    async with WorkerProcess(verbose_config(beaconttl=1)) as worker:
+    ttl, more = 1, 5
+    async with WorkerProcess(verbose_config(beaconttl=ttl)) as worker:
         await worker.wait_consuming()
-        # each beacon waits beaconttl (1 s) in the delay queue: 6 of them take > 3 x beaconttl
-        await wait_lines(worker, "Beacon back on beacon-", 6)
+        await wait_lines(worker, BEACON_BACK, 1)
+        started = time.monotonic()
+        first = worker.output.count(BEACON_BACK)  # read after `started`: beacon first+1 came later
+        # each beacon waits beaconttl in the delay queue: 5 more of them take > 3 x beaconttl
+        await wait_lines(worker, BEACON_BACK, first + more)
+        last = worker.output.count(BEACON_BACK)  # read before `elapsed`: beacon `last` came earlier
+        elapsed = time.monotonic() - started
         assert worker.returncode is None
         assert await runs_a_task()
     assert "not live" not in worker.output
+    # beacon first+1 came after `started`, each later one >= ttl after the one before (RabbitMQ
+    # keeps times in whole ms: allow 10 ms); with a TTL taken for ms they would all come at once
+    assert elapsed >= (last - first - 1) * ttl - 0.01, (elapsed, first, last)
+
+
+@pytest.mark.app_settings({"amqp": {"beaconttl": 1.5}})
+async def test_beacon_queues_are_exclusive_to_the_worker_connection_and_delay_by_ttl(guillotina_main):
+    async with running_worker() as worker:
+        beacon = worker.beacon
+        await wait_for(lambda: beacon.received >= 1, 30, "a first beacon back")
+        queue, delay_queue = beacon.queue, beacon.delay_queue
+        uid = re.fullmatch(r"beacon-(.+)", queue).group(1)
+        uuid.UUID(uid)  # raises unless it is one
+        assert delay_queue == f"beacon-delay-{uid}"
+
+        queues = {
+            found["name"]: found
+            for found in await rabbitmq_list("queues", "name", "exclusive", "arguments", "owner_pid")
+        }
+        connections = await rabbitmq_list("connections", "pid", "client_properties")
+        owner = [
+            found["pid"]
+            for found in connections
+            if arguments(found["client_properties"]).get("connection_name") == worker.connection_name
+        ]
+        assert len(owner) == 1, connections
+        assert queues[queue]["exclusive"] is True and queues[queue]["owner_pid"] == owner[0]
+        assert arguments(queues[queue]["arguments"]) == {}
+        assert queues[delay_queue]["exclusive"] is True and queues[delay_queue]["owner_pid"] == owner[0]
+        assert arguments(queues[delay_queue]["arguments"]) == {
+            "x-dead-letter-exchange": "beacon",
+            "x-dead-letter-routing-key": queue,
+            "x-message-ttl": 1500,  # milliseconds
+        }
+        exchanges = {
+            found["name"]: found["type"] for found in await rabbitmq_list("exchanges", "name", "type")
+        }
+        assert exchanges["beacon"] == "direct"
+        bindings = await rabbitmq_list("bindings", "source_name", "destination_name", "routing_key")
+        for name in (queue, delay_queue):
+            assert {"source_name": "beacon", "destination_name": name, "routing_key": name} in bindings
+
+    async def gone() -> bool:
+        names = {found["name"] for found in await rabbitmq_list("queues", "name")}
+        return not names & {queue, delay_queue}
+
+    await wait_for(gone, 30, "the beacon queues to go with the worker's connection")
 
 
 async def test_worker_whose_beacon_stops_coming_back_exits(guillotina_main):
     async with WorkerProcess(verbose_config(beaconttl=1)) as worker:
         await worker.wait_consuming()
-        await wait_lines(worker, "Beacon back on beacon-", 1)
+        await wait_lines(worker, BEACON_BACK, 1)
         beacon_queue = re.search(r"Beacons on (beacon-[0-9a-f]+)", worker.output).group(1)
         delay_queue = beacon_queue.replace("beacon-", "beacon-delay-", 1)
         # its next beacon has nowhere to go: published to a queue that no longer exists
@@ -127,6 +197,6 @@ async def test_idle_worker_with_a_watchdog_stays_up(guillotina_main):
         await worker.wait_consuming()
         assert "exits if the event loop blocks for 2s" in worker.output
         # beacons are a clock: 5 round trips of >= 1 s each, well past the 2 s timeout
-        await wait_lines(worker, "Beacon back on beacon-", 5)
+        await wait_lines(worker, BEACON_BACK, 5)
         assert worker.returncode is None
         assert await runs_a_task()

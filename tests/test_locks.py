@@ -1,33 +1,19 @@
 """Task locks: one run at a time, refreshed while running, never a reason to drop a task (SPEC §4)."""
 
 import asyncio
-import logging
 
 import orjson
 import pytest
-from guillotina import task_vars
 
 from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
-from tests.utils import publish_raw, queue_counts, running_worker, wait_for
+from tests.utils import lines, logged, publish_raw, queue_counts, running_worker, wait_for
 
 BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
 
 
-@pytest.fixture(autouse=True)
-def outside_container(caplog):
-    caplog.set_level(logging.INFO, "guillotina_amqp")
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
-
-
-def lines(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def logged(caplog, *words: str) -> int:
-    return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
+pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 
 
 async def all_empty() -> bool:

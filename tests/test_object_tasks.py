@@ -78,10 +78,11 @@ async def test_decorated_object_task(container_requester, worker):
         assert await title_of_doc(requester) == "Decorated"
 
 
-async def test_object_deleted_before_the_task_ran(container_requester):
+@pytest.mark.parametrize("func", [app.set_title, app.titles], ids=["coroutine", "async-generator"])
+async def test_object_deleted_before_the_task_ran(container_requester, func):
     async with container_requester as requester:
         await create_doc(requester)
-        state = await schedule_on_doc(requester, app.set_title, "Never")
+        state = await schedule_on_doc(requester, func, "Never")
         _, status = await requester("DELETE", "/db/guillotina/doc")
         assert status == 200
 

@@ -5,7 +5,6 @@ import uuid
 
 import orjson
 import pytest
-from guillotina import task_vars
 
 from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus, get_state_manager
@@ -30,11 +29,7 @@ POISON = {
 }
 
 
-@pytest.fixture(autouse=True)
-def outside_container(caplog):
-    caplog.set_level(logging.INFO, "guillotina_amqp")
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
+pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 
 
 def encoded(body) -> bytes:

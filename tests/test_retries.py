@@ -3,18 +3,13 @@
 import logging
 
 import pytest
-from guillotina import task_vars
 
 from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus
 from tests import app
 from tests.utils import queue_counts, running_worker, wait_for
 
-
-@pytest.fixture(autouse=True)
-def outside_container():
-    for var in (task_vars.request, task_vars.container, task_vars.db):
-        var.set(None)
+pytestmark = pytest.mark.usefixtures("outside_container")
 
 
 def runs(path) -> int:
@@ -180,20 +175,3 @@ async def test_failed_delay_publish_requeues_the_message_instead_of_losing_it(wo
     assert final["result"] == 2
     assert runs(marker) == 2
     await wait_for(lambda: _all_empty(), what="every queue to be empty")
-
-
-async def test_object_task_generator_on_a_deleted_object_finishes_without_retry(container_requester):
-    """Like test_object_tasks' deleted-object case, for an async-generator object task."""
-    from tests.test_object_tasks import create_doc, schedule_on_doc
-
-    async with container_requester as requester:
-        await create_doc(requester)
-        state = await schedule_on_doc(requester, app.titles, "-never")
-        _, status = await requester("DELETE", "/db/guillotina/doc")
-        assert status == 200
-        async with running_worker():
-            final = await state.join()
-    assert final["status"] == TaskStatus.FINISHED
-    assert final["result"] is None
-    assert final.get("job_retries", 0) == 0
-    assert await counts() == (0, 0, 0)

@@ -6,20 +6,17 @@ worker or the REST API observes must not depend on which one is configured.
 
 import asyncio
 import contextlib
-import socket
-import subprocess
-import time
 import uuid
 from typing import Any, Iterator
 
 import pytest
-from redis.asyncio import Redis
 
 from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired
 from guillotina_amqp.state import StateManager, TaskState, TaskStatus, get_state_manager
 from guillotina_amqp.state.manager import CANCELED, CLAIMED, DONE, LOCKED
 from guillotina_amqp.state.memory import MemoryStateManager
 from guillotina_amqp.state.redis import RedisStateManager
+from tests.own_redis import OWN_REDIS, OwnRedis
 from tests.utils import wait_for
 
 BOTH = pytest.mark.parametrize("manager", ["memory", "redis"])
@@ -408,65 +405,7 @@ async def _not(value: Any) -> bool:
 # -- Redis only: transient errors and round trips ----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-OWN_REDIS_PORT = _free_port()
-OWN_REDIS = pytest.mark.app_settings({"redis": {"host": "127.0.0.1", "port": OWN_REDIS_PORT}})
 REDIS_ONLY = pytest.mark.parametrize("manager", ["redis"])
-
-
-class RedisServer:
-    """A redis-server of this test's own, so it can be killed without disturbing anyone."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            assert time.monotonic() < deadline, "own redis-server did not start"
-            assert self.process.poll() is None, "own redis-server exited"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
-
-    def client(self) -> Redis:
-        return Redis(host="127.0.0.1", port=self.port)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer(OWN_REDIS_PORT)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @REDIS_ONLY
@@ -508,7 +447,7 @@ async def test_redis_manager_waits_out_an_outage(own_redis, state, manager):
     assert await state.is_canceled(task_id)
 
 
-async def _round_trips(server: RedisServer, action: Any) -> int:
+async def _round_trips(server: OwnRedis, action: Any) -> int:
     """Client commands (a MULTI..EXEC block counts once) that `action()` sends to `server`."""
     marker = f"end-{uuid.uuid4()}"
     monitor_client, admin = server.client(), server.client()

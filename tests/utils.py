@@ -125,3 +125,13 @@ async def _delete_keys(prefix: str) -> None:
 
 def amqp_block() -> dict:
     return dict(app_settings["amqp"])
+
+
+def lines(path) -> list[str]:
+    """The lines a task wrote to a marker file (none if it never ran)."""
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def logged(caplog, *words: str) -> int:
+    """How many captured log lines contain every one of `words`."""
+    return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
