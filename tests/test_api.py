@@ -83,6 +83,15 @@ async def test_task_id_override(worker, outside_container):
     assert (await state.join())["result"] == 4
 
 
+async def test_request_override_is_the_request_the_task_runs_with(worker, outside_container):
+    from guillotina.tests.utils import make_mocked_request
+
+    request = make_mocked_request("PATCH", "/db/guillotina/some/where", headers={"X-Custom": "given"})
+    final = await (await add_task(app.context_info, _request=request)).join()
+    assert final["result"]["url"].endswith("/db/guillotina/some/where")
+    assert (final["result"]["method"], final["result"]["header"]) == ("PATCH", "given")
+
+
 async def test_retries_reach_the_publisher(worker, outside_container, published_retries):
     state = await add_task(app.add, 1, 1, _retries=7)
     assert (await state.join())["result"] == 2
@@ -265,6 +274,7 @@ async def test_failing_task_is_errored_with_its_traceback(worker, outside_contai
     await wait_for(lambda: _count(f"{queue}-error"), what="the message in the error queue")
     counts = await queue_counts()
     assert (counts[queue], counts[f"{queue}-delay"]) == (0, 0)  # not retried
+    assert (worker.total_run, worker.total_errored) == (1, 1)
 
 
 async def _count(queue: str) -> int:

@@ -10,11 +10,7 @@ from guillotina_amqp.liveness import EXIT_OK
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests import app
 from tests.subprocess_worker import WorkerProcess, worker_config
-from tests.utils import queue_counts, wait_for
-
-
-def marks(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+from tests.utils import lines, queue_counts, wait_for
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -23,12 +19,12 @@ async def test_signal_lets_a_running_task_finish_then_exits_0(guillotina_main, t
     async with WorkerProcess(worker_config(shutdown_timeout=60)) as worker:
         await worker.wait_consuming()
         state = await add_task(app.sleep_then_mark_pid, str(marker), 1.5)
-        await wait_for(lambda: marks(marker), 60, "the task to start")
+        await wait_for(lambda: lines(marker), 60, "the task to start")
         worker.signal(sig)
         code = await worker.wait_exit(60)
     pid = worker.process.pid
     assert code == EXIT_OK, worker.output
-    assert marks(marker) == [f"started {pid}", f"done {pid}"]
+    assert lines(marker) == [f"started {pid}", f"done {pid}"]
     final = await TaskState(state.task_id).get_state()
     assert final["status"] == TaskStatus.FINISHED
     assert final["result"] == pid
@@ -36,12 +32,28 @@ async def test_signal_lets_a_running_task_finish_then_exits_0(guillotina_main, t
     assert (await queue_counts())[app_queue()] == 0
 
 
+async def test_stopping_worker_takes_no_new_task(guillotina_main, tmp_path):
+    marker, late = tmp_path / "marks.txt", tmp_path / "late.txt"
+    async with WorkerProcess(worker_config(shutdown_timeout=60)) as worker:
+        await worker.wait_consuming()
+        await add_task(app.sleep_then_mark_pid, str(marker), 3)
+        await wait_for(lambda: lines(marker), 60, "the task to start")
+        worker.signal(signal.SIGTERM)
+        await wait_for(lambda: "stopping: waiting up to" in worker.output, 60, "the shutdown to begin")
+        state = await add_task(app.sleep_then_mark_pid, str(late), 0)
+        code = await worker.wait_exit(60)
+    assert code == EXIT_OK, worker.output
+    assert lines(late) == [], "the stopping worker took a new task"
+    assert await state.get_status() == TaskStatus.SCHEDULED
+    assert (await queue_counts())[app_queue()] == 1  # left in the queue for the next worker
+
+
 async def test_task_outliving_shutdown_timeout_is_redelivered_to_another_worker(guillotina_main, tmp_path):
     marker = tmp_path / "marks.txt"
     async with WorkerProcess(worker_config(shutdown_timeout=0.5)) as first:
         await first.wait_consuming()
         state = await add_task(app.sleep_then_mark_pid, str(marker), 4)
-        await wait_for(lambda: marks(marker), 60, "the task to start")
+        await wait_for(lambda: lines(marker), 60, "the task to start")
         async with WorkerProcess(worker_config()) as second:
             await second.wait_consuming()
             first.signal(signal.SIGTERM)
@@ -49,7 +61,7 @@ async def test_task_outliving_shutdown_timeout_is_redelivered_to_another_worker(
             final = await TaskState(state.task_id).join()
     assert final["status"] == TaskStatus.FINISHED, final
     assert final["result"] == second.process.pid
-    assert marks(marker) == [
+    assert lines(marker) == [
         f"started {first.process.pid}",
         f"started {second.process.pid}",
         f"done {second.process.pid}",
@@ -62,13 +74,13 @@ async def test_second_signal_stops_waiting(guillotina_main, tmp_path):
     async with WorkerProcess(worker_config(shutdown_timeout=600)) as worker:
         await worker.wait_consuming()
         state = await add_task(app.sleep_then_mark_pid, str(marker), 600)
-        await wait_for(lambda: marks(marker), 60, "the task to start")
+        await wait_for(lambda: lines(marker), 60, "the task to start")
         worker.signal(signal.SIGTERM)
         await wait_for(lambda: "waiting up to 600s" in worker.output, 60, "the shutdown to begin")
         worker.signal(signal.SIGINT)
         code = await worker.wait_exit(60)
     assert code == EXIT_OK, worker.output
-    assert marks(marker) == [f"started {worker.process.pid}"]
+    assert lines(marker) == [f"started {worker.process.pid}"]
     # left unacked: back in the queue for the next worker, its lock released
     await wait_for(lambda: _ready_in_main_queue(1), 30, "the message back in the queue")
     assert not await get_state_manager().is_locked(state.task_id)
