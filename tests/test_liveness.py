@@ -14,7 +14,9 @@ import uuid
 import pytest
 
 from guillotina_amqp import add_task
+from guillotina_amqp.connection import AMQPConnection
 from guillotina_amqp.liveness import EXIT_BEACON_LOST, EXIT_IDLE, EXIT_LOOP_BLOCKED
+from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus
 from tests import app
 from tests.subprocess_worker import WorkerProcess, worker_config
@@ -178,6 +180,37 @@ async def test_worker_whose_consumer_stopped_receiving_gives_up(guillotina_main)
         await worker._channel.basic_cancel(worker._consumer_tag)
         await asyncio.wait_for(worker.failed.wait(), 30)
     assert worker.exit_code == EXIT_IDLE
+
+
+@contextlib.asynccontextmanager
+async def higher_priority_consumer():
+    """A consumer RabbitMQ prefers to the worker's (x-priority): it takes every message, so the
+    worker's own consumer, connection and beacons fine, receives nothing any more."""
+    settings = get_settings()
+    connection = AMQPConnection(settings)
+    await connection.open(max_time=10)
+    try:
+        channel = await connection.channel()
+
+        async def take(channel, body, envelope, properties) -> None:
+            pass  # no_ack: taken and dropped, never sent on
+
+        await channel.basic_consume(
+            take, queue_name=settings.queue, no_ack=True, arguments={"x-priority": 10}
+        )
+        yield
+    finally:
+        await connection.close()
+
+
+async def test_worker_process_whose_consumer_receives_nothing_exits_with_code_4(guillotina_main):
+    async with WorkerProcess(verbose_config(noop_after=0.5, kill_after=2.5)) as worker:
+        await worker.wait_consuming()
+        await wait_lines(worker, "no-op probe came back", 1)  # healthy while it gets its probes
+        async with higher_priority_consumer():
+            code = await worker.wait_exit(60)
+    assert code == EXIT_IDLE, worker.output
+    assert "not even its own no-op probe" in worker.output
 
 
 # -- loop watchdog ----------------------------------------------------------------------
