@@ -182,7 +182,7 @@ class Worker:
             try:
                 await asyncio.wait_for(self.join(), timeout)
             except asyncio.TimeoutError:
-                for task_id, (job, _) in list(self._running.items()):
+                for job, _ in list(self._running.values()):
                     logger.warning(
                         "%s still running after %gs: canceled and left for redelivery",
                         job.label,
