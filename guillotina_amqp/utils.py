@@ -94,7 +94,8 @@ async def _load_object(callable_name: str, path: str) -> tuple[Callable[..., Any
     func = registry.resolve(callable_name, settings.get_settings())
     container: Any = task_vars.container.get()
     if container is None:
-        raise ObjectNotFoundException(f"object {path} not found: the task runs outside a container")
+        # a mistake of the scheduling code, not a deleted object: error, don't finish silently
+        raise RuntimeError(f"object task on {path} was scheduled outside any container")
     try:
         ob = await navigate_to(container, path) if path.strip("/") else container
     except KeyError:

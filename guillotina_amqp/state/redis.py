@@ -61,7 +61,7 @@ if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   redis.call('PUBLISH', ARGV[5], 'canceled')
   return {'canceled'}
 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7 + 2 * n))
 redis.call('PUBLISH', ARGV[5], 'running')
 local found = redis.call('HMGET', KEYS[1], 'job_retries', 'eventlog')
