@@ -16,7 +16,7 @@ from guillotina.request import Request
 from guillotina.utils import get_database, get_registry, import_class
 from zope.interface import alsoProvides
 
-from guillotina_amqp.exceptions import ObjectNotFoundException
+from guillotina_amqp.exceptions import ContainerNotFound
 from guillotina_amqp.message import is_root, split_url
 from guillotina_amqp.task_vars import amqp_job
 
@@ -68,7 +68,7 @@ async def enter_container(request: Request, root: Any, container_id: str) -> ICo
     """Load the container, make it current and apply its registry and active layers."""
     container = await root.async_get(container_id)
     if container is None or not IContainer.providedBy(container):
-        raise ObjectNotFoundException(f"container {container_id} not found")
+        raise ContainerNotFound(f"container {container_id} not found")
     task_vars.container.set(container)
     task_vars.registry.set(None)
     registry: Any = await get_registry(container)

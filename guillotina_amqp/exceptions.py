@@ -49,6 +49,25 @@ class InvalidMessage(AMQPError, ValueError):
         self.task_id = task_id
 
 
+class MessageRefused(AMQPError, ValueError, TypeError):
+    """add_task cannot send this call: its arguments are not JSON or the message is too large.
+
+    A TypeError too, as the original raised for arguments JSON could not hold.
+    """
+
+
+class TaskStateUnusable(AMQPError):
+    """The task's Redis key holds something that is not a task state (a poison message's doing)."""
+
+
+class ResultNotStorable(AMQPError, TypeError):
+    """A task returned a value JSON cannot hold (a set, bytes...): the run counts as failed."""
+
+
+class ContainerNotFound(AMQPError, LookupError):
+    """The container a task was scheduled in no longer exists."""
+
+
 class TaskNotAllowed(InvalidMessage):
     """The message names a function the worker refuses to import."""
 

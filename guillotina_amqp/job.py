@@ -14,11 +14,12 @@ import traceback
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import orjson
 from guillotina.component import get_utility
 from guillotina.interfaces import IApplication
 
 from guillotina_amqp import context, registry
-from guillotina_amqp.exceptions import ObjectNotFoundException
+from guillotina_amqp.exceptions import ContainerNotFound, ObjectNotFoundException, ResultNotStorable
 from guillotina_amqp.interfaces import MessageType
 from guillotina_amqp.settings import AMQPSettings
 from guillotina_amqp.state.manager import StateManager
@@ -48,11 +49,10 @@ class Job:
         self.settings = settings
         self.state_manager = state_manager
         self.func: Callable[..., Any] = registry.resolve(data["func"], settings)
-        if data["func"] in OBJECT_TASK_WRAPPERS:
+        if self.is_object_task:
             if not data["args"]:
                 raise registry.InvalidMessage("object task without its callable", self.task_id)
             registry.resolve(data["args"][0], settings)
-        self.eventlog: list = []
         self.result: Any = None
         self.error: str | None = None
         self.cancel_requested = False
@@ -64,9 +64,18 @@ class Job:
         return self.data["task_id"]
 
     @property
+    def run_id(self) -> str:
+        """Which run of the task id this message is ("" for messages of the original plugin)."""
+        return self.data.get("run", "")
+
+    @property
+    def is_object_task(self) -> bool:
+        return self.data["func"] in OBJECT_TASK_WRAPPERS
+
+    @property
     def dotted_name(self) -> str:
         """The function's name as metrics and logs show it."""
-        if self.data["func"] in OBJECT_TASK_WRAPPERS:
+        if self.is_object_task:
             return f"run_object_task/{self.data['args'][0]}"
         return self.data["func"]
 
@@ -82,26 +91,35 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.task_id} {self.dotted_name}>"
 
-    async def run(self, eventlog: list) -> Outcome:
+    async def run(self) -> Outcome:
         """Run the task; never raises except to let the worker's shutdown through."""
-        self.eventlog = eventlog
         self.started = time.monotonic()
         amqp_job.set(self)
         try:
             self.result = await self._run_in_context()
             return Outcome.FINISHED
         except ObjectNotFoundException as exc:
-            logger.warning("%s: %s; finishing without result", self.label, exc)
-            self.result = None
-            return Outcome.FINISHED
+            return self._gone(exc)
+        except ContainerNotFound as exc:
+            if self.is_object_task:
+                return self._gone(exc)  # its object went with the container
+            return self._failed()
         except asyncio.CancelledError:
             if self.cancel_requested:
                 return Outcome.CANCELED
             return Outcome.INTERRUPTED
         except Exception:
-            self.error = traceback.format_exc()
-            logger.error("%s failed:\n%s", self.label, self.error)
-            return Outcome.ERRORED
+            return self._failed()
+
+    def _gone(self, exc: Exception) -> Outcome:
+        logger.warning("%s: %s; finishing without result", self.label, exc)
+        self.result = None
+        return Outcome.FINISHED
+
+    def _failed(self) -> Outcome:
+        self.error = traceback.format_exc()
+        logger.error("%s failed:\n%s", self.label, self.error)
+        return Outcome.ERRORED
 
     async def _run_in_context(self) -> Any:
         req_data = self.data.get("req_data") or {}
@@ -131,14 +149,22 @@ class Job:
                 await tm.abort(txn=txn)
 
     async def _call(self) -> Any:
+        """The task's result, checked storable before the transaction commits."""
         args, kwargs = self.data["args"], self.data["kwargs"]
         if inspect.isasyncgenfunction(self.func):
-            return await self._consume(self.func(*args, **kwargs))
-        result = self.func(*args, **kwargs)
-        if inspect.isasyncgen(result):
-            return await self._consume(result)
-        if inspect.isawaitable(result):
-            result = await result
+            result = await self._consume(self.func(*args, **kwargs))
+        else:
+            result = self.func(*args, **kwargs)
+            if inspect.isasyncgen(result):
+                result = await self._consume(result)
+            elif inspect.isawaitable(result):
+                result = await result
+        try:
+            orjson.dumps(result)
+        except TypeError as exc:
+            raise ResultNotStorable(
+                f"the result of {self.dotted_name} cannot be stored as JSON: {exc}"
+            ) from None
         return result
 
     async def _consume(self, generator: Any) -> list | None:
@@ -155,8 +181,8 @@ class Job:
         return results or None
 
     async def log_event(self, text: str) -> None:
-        self.eventlog.append([datetime.now(timezone.utc).isoformat(), text])
-        await self.state_manager.update(self.task_id, {"eventlog": self.eventlog})
+        entry = [datetime.now(timezone.utc).isoformat(), text]
+        await self.state_manager.append_event(self.task_id, entry, self.settings.max_eventlog)
 
 
 def _message_type(item: Any) -> MessageType | None:

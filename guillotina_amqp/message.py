@@ -2,24 +2,51 @@
 
 import hashlib
 import hmac
+import secrets
+import string
+import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp.exceptions import InvalidMessage
+from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
+from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
 
 SIGNATURE_HEADER = "x-guillotina-amqp-signature"
+_SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
+_HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
+#: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
+FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
 # the broker, the state store and the logs.
 SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+#: Query parameters carrying credentials (guillotina's websocket token, OAuth-style tokens).
+SECRET_QUERY = frozenset({"ws_token", "access_token"})
+
+
+def new_run() -> str:
+    """An id for one run of a task; later runs sort after earlier ones (as text)."""
+    return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+
+
+def public_url(url: str | None) -> str | None:
+    """`url` without credentials in its query string."""
+    if not url or "?" not in url:
+        return url
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in query if k.lower() not in SECRET_QUERY]
+    if len(kept) == len(query):
+        return url
+    return urlunsplit(parts._replace(query=urlencode(kept)))
 
 
 def public_headers(headers: Any) -> dict[str, str]:
@@ -67,7 +94,7 @@ def request_data(request: IRequest | None, user: IPrincipal | None, container: A
             "user": user_data(user),
         }
     return {
-        "url": request.url,
+        "url": public_url(str(request.url)),
         "method": request.method,
         "headers": public_headers(request.headers),
         # Request iterates its keys but has no keys(): dict(request) would raise
@@ -89,12 +116,20 @@ def split_url(url: str | None) -> tuple[str, str, bytes]:
     return parts.scheme or "http", parts.path or "/", parts.query.encode()
 
 
-def encode(message: dict) -> bytes:
-    """JSON body of a message; TypeError names what cannot be serialized."""
+def encode(message: dict, settings: AMQPSettings) -> bytes:
+    """JSON body of a message; MessageRefused (a ValueError and a TypeError) says why it cannot be sent."""
     try:
-        return orjson.dumps(message)
+        body = orjson.dumps(message)
     except TypeError as exc:
-        raise TypeError(f"task arguments must be JSON-serializable: {exc}") from None
+        raise MessageRefused(f"task arguments must be JSON-serializable: {exc}") from None
+    if len(body) > settings.max_message_bytes:
+        raise MessageRefused(_too_large(body, settings))
+    return body
+
+
+def _too_large(body: bytes, settings: AMQPSettings) -> str:
+    limit = settings.max_message_bytes
+    return f"message of {len(body)} bytes is larger than amqp.max_message_bytes ({limit})"
 
 
 def signature(body: bytes, key: str) -> str:
@@ -112,33 +147,44 @@ def verify(body: bytes, headers: dict | None, settings: AMQPSettings) -> None:
     """Raise InvalidMessage unless the body is signed with a current or previous key."""
     if not settings.signing_key:
         return
-    given = (headers or {}).get(SIGNATURE_HEADER)
-    if not given:
-        raise InvalidMessage("unsigned message refused (amqp.signing_key is set)")
-    if isinstance(given, bytes):
-        given = given.decode(errors="replace")
+    given = _signature_header(headers)
     for key in (settings.signing_key, *settings.previous_signing_keys):
-        if hmac.compare_digest(signature(body, key), str(given)):
+        if hmac.compare_digest(signature(body, key), given):
             return
     raise InvalidMessage("message signature does not match any signing key")
 
 
-def trusted_task_id(body: bytes, headers: dict | None, settings: AMQPSettings) -> str | None:
-    """The task id of an authentic message, even one that cannot run; None if unknown or forged.
+def _signature_header(headers: dict | None) -> str:
+    """The signature header, checked to be what we send: 64 ASCII hex digits."""
+    given = (headers or {}).get(SIGNATURE_HEADER)
+    if not given:
+        raise InvalidMessage("unsigned message refused (amqp.signing_key is set)")
+    if isinstance(given, bytes):
+        given = given.decode("ascii", errors="replace")
+    if not isinstance(given, str) or len(given) != _SIGNATURE_LENGTH or not _HEX.issuperset(given):
+        raise InvalidMessage(f"signature header is not {_SIGNATURE_LENGTH} hex digits")
+    return given
+
+
+def trusted_identity(body: bytes, headers: dict | None, settings: AMQPSettings) -> tuple[str, str] | None:
+    """(task id, run) of an authentic message, even one that cannot run; None if unknown or forged.
 
     A refused message's state is marked errored under this id, so an unsigned
     message must not be able to name (and spoil) someone else's task.
     """
     try:
         verify(body, headers, settings)
-        task_id = orjson.loads(body).get("task_id")
-    except (InvalidMessage, orjson.JSONDecodeError, AttributeError):
+        message = orjson.loads(body)
+        run = message.get("run", "")
+        return check_task_id(message.get("task_id")), run if isinstance(run, str) else ""
+    except (InvalidMessage, ValueError, AttributeError, TypeError):  # JSONDecodeError is a ValueError
         return None
-    return task_id if isinstance(task_id, str) and task_id else None
 
 
 def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
     """The message dict, or InvalidMessage saying what is wrong with it."""
+    if len(body) > settings.max_message_bytes:
+        raise InvalidMessage(_too_large(body, settings))
     verify(body, headers, settings)
     try:
         message = orjson.loads(body)
@@ -146,8 +192,31 @@ def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
         raise InvalidMessage(f"body is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidMessage("body is not a JSON object")
-    task_id = message.get("task_id")
-    task_id = task_id if isinstance(task_id, str) and task_id else None
+    task_id = _task_id(message)
+    _check_fields(message, task_id)
+    _drop_credentials(message["req_data"])
+    message.setdefault("db_id", None)
+    message.setdefault("container_id", None)
+    try:
+        orjson.dumps(message)  # what cannot be encoded again could never be stored as job_data
+    except TypeError as exc:
+        raise InvalidMessage(f"message cannot be stored: {exc}", task_id) from None
+    return message
+
+
+def _task_id(message: dict) -> str | None:
+    if message.get("task_id") in (None, ""):
+        return None  # told as missing by _check_fields
+    try:
+        return check_task_id(message["task_id"])
+    except ValueError as exc:
+        raise InvalidMessage(f"invalid task_id: {exc}") from None
+
+
+def _check_fields(message: dict, task_id: str | None) -> None:
+    unknown = sorted(str(name)[:40] for name in set(message) - FIELDS)
+    if unknown:
+        raise InvalidMessage(f"unknown fields {', '.join(unknown[:5])}", task_id)
     missing = [
         name for name in REQUIRED_FIELDS if not isinstance(message.get(name), str) or not message[name]
     ]
@@ -159,14 +228,14 @@ def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
         raise InvalidMessage("'kwargs' is not an object", task_id)
     if not isinstance(message.setdefault("req_data", {}), dict):
         raise InvalidMessage("'req_data' is not an object", task_id)
-    _drop_credentials(message["req_data"])
-    message.setdefault("db_id", None)
-    message.setdefault("container_id", None)
-    return message
+    if not isinstance(message.setdefault("run", ""), str):
+        raise InvalidMessage("'run' is not a string", task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:
     """Strip credentials older publishers put in a message, before it is stored as job_data."""
+    if isinstance(req_data.get("url"), str):
+        req_data["url"] = public_url(req_data["url"])
     if isinstance(req_data.get("headers"), dict):
         req_data["headers"] = public_headers(req_data["headers"])
     user = req_data.get("user")

@@ -4,6 +4,7 @@ RabbitMQ refuses to re-declare a queue with other arguments (PRECONDITION_FAILED
 so the arguments here are exactly those of SPEC §3 and never change.
 """
 
+import string
 import uuid
 from typing import Any
 
@@ -60,10 +61,41 @@ def in_container(task_id: str, prefix: str) -> bool:
         return False
 
 
-# Redis keys: the state of a task lives at <prefix><task_id>; bookkeeping keys
-# use a ':' after a word no task id starts with, so list() can tell them apart.
+# Redis keys: the state of a task lives at <prefix><task_id> (where the original plugin kept it);
+# bookkeeping keys start with a word no valid task id may start with, so no id can reach them.
+RESERVED_IDS = frozenset({"cancel"})
+RESERVED_ID_PREFIXES = ("lock:", "eventlog:", "meta:", "changed:")
+#: Task ids: these characters (those of guillotina's ids, plus ":/~" and capitals), 1 to 200 of them.
+TASK_ID_CHARACTERS = frozenset(string.ascii_letters + string.digits + ".-_@$^()+= :/~")
+MAX_TASK_ID_LENGTH = 200
+
+
+def check_task_id(task_id: Any) -> str:
+    """`task_id` if it may name a task; ValueError saying why not."""
+    if not isinstance(task_id, str) or not task_id:
+        raise ValueError(f"a task id must be a non-empty string, not {type(task_id).__name__}")
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        raise ValueError(f"task id longer than {MAX_TASK_ID_LENGTH} characters")
+    if not TASK_ID_CHARACTERS.issuperset(task_id):
+        bad = sorted(set(task_id) - TASK_ID_CHARACTERS)[:5]
+        raise ValueError(f"task id {task_id[:50]!r} has characters outside [A-Za-z0-9.-_@$^()+= :/~]: {bad}")
+    if task_id in RESERVED_IDS or task_id.startswith(RESERVED_ID_PREFIXES):
+        raise ValueError(f"task id {task_id!r} is reserved for bookkeeping keys")
+    return task_id
+
+
+def is_task_key(name: str) -> bool:
+    """Whether a key name (prefix removed) can be a task's state rather than bookkeeping."""
+    return name not in RESERVED_IDS and not name.startswith(RESERVED_ID_PREFIXES)
+
+
 def state_key(prefix: str, task_id: str) -> str:
     return f"{prefix}{task_id}"
+
+
+def eventlog_key(prefix: str, task_id: str) -> str:
+    """A list of JSON `[timestamp, text]` entries, capped at amqp.max_eventlog."""
+    return f"{prefix}eventlog:{task_id}"
 
 
 def lock_key(prefix: str, task_id: str) -> str:

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "allowed_tasks": None,
     "signing_key": None,
     "previous_signing_keys": [],
+    "max_message_bytes": 1048576,
+    "max_eventlog": 1000,
 }
 
 
@@ -64,6 +66,8 @@ class AMQPSettings:
     allowed_tasks: tuple[str, ...] | None
     signing_key: str | None = field(repr=False)
     previous_signing_keys: tuple[str, ...] = field(repr=False)
+    max_message_bytes: int = 1048576
+    max_eventlog: int = 1000
     redis_prefix_key: str = "amqpjobs-"
 
 

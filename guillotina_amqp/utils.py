@@ -13,7 +13,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp import registry, settings
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import task_id_prefix
+from guillotina_amqp.names import check_task_id, task_id_prefix
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
@@ -46,8 +46,14 @@ async def add_task(
     The call is published persistently and the task is recorded `scheduled`
     once RabbitMQ confirmed it. It runs as the current user, inside the
     current container (if any). `_retries`: how many times publishing is tried
-    again over a new connection; `_task_id`: use this id instead of a new one.
-    Without an `amqp` settings block, logs a warning and returns None.
+    again over a new connection; `_task_id`: use this id instead of a new one
+    (an id whose earlier run ended runs again, as a new run). Without an `amqp`
+    settings block, logs a warning and returns None.
+
+    ValueError (MessageRefused, also a TypeError) when the arguments are not
+    JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
+    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved. Nothing
+    is published then.
     """
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
@@ -57,7 +63,8 @@ async def add_task(
     container, db = task_vars.container.get(), task_vars.db.get()
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
-    task_id = _task_id or _new_task_id(db_id, container_id)
+    task_id = check_task_id(_task_id) if _task_id is not None else _new_task_id(db_id, container_id)
+    run = messages.new_run()
     body = messages.encode(
         {
             "func": _dotted_name(func),
@@ -66,11 +73,13 @@ async def add_task(
             "db_id": db_id,
             "container_id": container_id,
             "task_id": task_id,
+            "run": run,
             "req_data": messages.request_data(request, get_authenticated_user(), container),
-        }
+        },
+        config,
     )
     await get_publisher(config).publish(body, config.queue, retries=_retries)
-    await get_state_manager().create(task_id, initial_state())
+    await get_state_manager().create(task_id, initial_state(run))
     return TaskState(task_id)
 
 

@@ -1,13 +1,15 @@
 """The worker: consume task messages, run them concurrently, settle each one once.
 
 Every delivery is handled in its own asyncio task (aioamqp calls the consumer
-from its frame reader, which must never wait on the broker). `_settle` is the
-single place that decides what happens to a message: ack, retry through the
-delay queue, or nack into the error queue.
+from its frame reader, which must never wait on the broker). Each path through
+`_handle` returns a Disposition (ack, delay, dead-letter, leave); `_dispose` is
+the single place that acts on it. Any exception while decoding, verifying or
+building a job refuses the message into the error queue: nothing escapes.
 """
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import uuid
@@ -18,17 +20,42 @@ from aioamqp.channel import Channel
 from guillotina_amqp import liveness, metrics, names
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
-from guillotina_amqp.exceptions import InvalidMessage
+from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import get_settings
-from guillotina_amqp.state.manager import CLAIMED, LOCKED, get_state_manager
+from guillotina_amqp.state.manager import CLAIMED, DONE, LOCKED, get_state_manager
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
 
 #: seconds to wait before handing back a message we could not send to the delay queue
 REQUEUE_PAUSE = 1.0
+#: how often our own failures (not the task's) sent the message round the delay queue
+FAILURES_HEADER = "x-guillotina-amqp-failures"
+#: how often it waited for another worker's lock (bounded by that lock's life)
+DEFERRALS_HEADER = "x-guillotina-amqp-deferrals"
+
+
+class Action(enum.Enum):
+    ACK = "ack"
+    DELAY = "delay"  # through the delay queue, back to the main queue later
+    DEAD_LETTER = "dead-letter"  # into the error queue
+    LEAVE = "leave"  # unacked: the broker redelivers it when our channel closes
+
+
+class Disposition(NamedTuple):
+    """What should happen to a message; `counter` names the header that counts a delay."""
+
+    action: Action
+    label: str
+    counter: str | None = None
+
+
+def _count(headers: dict | None, name: str) -> int:
+    """A counter header as we wrote it; anything else (a stranger's value) counts as 0."""
+    value = (headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class Delivery(NamedTuple):
@@ -222,63 +249,65 @@ class Worker:
             self._idle.set()
 
     async def _handle(self, delivery: Delivery) -> None:
-        if liveness.is_probe(delivery.headers):
-            await self._handle_probe(delivery)
-            return
         try:
-            data = messages.decode(delivery.body, delivery.headers, self.settings)
-            job = Job(data, self.settings, self.state_manager)
-        except InvalidMessage as exc:
-            await self._refuse(delivery, exc)
-            return
+            disposition = await self._decide(delivery)
+        except asyncio.CancelledError:
+            raise  # stopping: the message stays unacked and is redelivered
+        except Exception as exc:
+            # the decode boundary: nothing a message carries gets past it unsettled
+            disposition = await self._refuse(delivery, exc)
+        await self._dispose(delivery, disposition)
+
+    async def _decide(self, delivery: Delivery) -> Disposition:
+        if liveness.is_probe(delivery.headers):
+            return await self._handle_probe(delivery)
+        data = messages.decode(delivery.body, delivery.headers, self.settings)
+        job = Job(data, self.settings, self.state_manager)
         assert self._slots is not None
         async with self._slots:
             try:
-                await self._claim_and_run(delivery, job)
+                return await self._claim_and_run(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # infrastructure trouble (state manager down...): keep the message, try later
-                logger.exception(
-                    "%s: could not be handled; sending it to the delay queue",
-                    job.label,
-                )
-                await self._delay(delivery, job.label)
+            except TaskStateUnusable as exc:
+                return await self._refuse(delivery, exc, record=False)
+            except Exception as exc:
+                return await self._infrastructure_failure(delivery, job, exc)
 
-    async def _handle_probe(self, delivery: Delivery) -> None:
+    async def _handle_probe(self, delivery: Delivery) -> Disposition:
         """A no-op probe of the activity check: ours comes back, another worker's goes on.
 
         Probes are verified like tasks: an unsigned one could otherwise make every worker
-        re-publish (and sign) whatever a stranger put in the queue.
+        re-publish (and sign) whatever a stranger put in the queue. A probe never touches
+        any task's state, whatever its body says.
         """
         try:
             messages.verify(delivery.body, delivery.headers, self.settings)
             if await liveness.handle_probe(delivery.body, self.worker_id, self.activity, self._publish_probe):
                 self.probes_forwarded += 1
         except InvalidMessage as exc:
-            await self._refuse(delivery, exc)
-            return
+            return await self._refuse(delivery, exc, record=False)
         except Exception as exc:
             logger.debug("Worker %s could not forward a no-op probe: %r", self.worker_id, exc)
-        await self._ack(delivery, "No-op probe")
+        return Disposition(Action.ACK, "No-op probe")
 
-    async def _claim_and_run(self, delivery: Delivery, job: Job) -> None:
+    async def _claim_and_run(self, job: Job) -> Disposition:
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
             # maybe a dead worker's lock: never drop the task, try again after the delay
             logger.info("%s is locked by another worker; delaying it", job.label)
-            await self._delay(delivery, job.label)
-            return
+            return Disposition(Action.DELAY, job.label, counter=DEFERRALS_HEADER)
+        if claim.outcome == DONE and claim.status == TaskStatus.ERRORED:
+            logger.info("%s already failed for good; sending it to the error queue", job.label)
+            return Disposition(Action.DEAD_LETTER, job.label)
         if claim.outcome != CLAIMED:
             logger.info("%s is %s; skipping it", job.label, claim.outcome)
-            await self._ack(delivery, job.label)
-            return
+            return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
-        outcome = await self._run(job, claim.eventlog)
-        await self._settle(delivery, job, outcome)
+        return await self._settle(job, await self._run(job))
 
-    async def _run(self, job: Job, eventlog: list) -> Outcome:
-        task = asyncio.create_task(job.run(eventlog))
+    async def _run(self, job: Job) -> Outcome:
+        task = asyncio.create_task(job.run())
         self._running[job.task_id] = (job, task)
         metrics.set_running(len(self._running))
         try:
@@ -291,70 +320,106 @@ class Worker:
             self._running.pop(job.task_id, None)
             metrics.set_running(len(self._running))
 
-    # -- the one place that decides what happens to a message ----------------
-    async def _settle(self, delivery: Delivery, job: Job, outcome: Outcome) -> None:
+    # -- what happens to a message: decided by the paths above, done by _dispose alone --
+    async def _settle(self, job: Job, outcome: Outcome) -> Disposition:
         if outcome is Outcome.INTERRUPTED:
             # not acked: the broker redelivers it; free the lock so another worker can claim it
             await self._record(job, {"status": TaskStatus.SCHEDULED})
             logger.warning("%s interrupted; left for redelivery", job.label)
-            return
+            return Disposition(Action.LEAVE, job.label)
         self.total_run += 1
         metrics.observe(job.dotted_name, outcome.value, job.data.get("container_id"), job.duration)
         if outcome is Outcome.FINISHED:
-            await self._record(job, {"status": TaskStatus.FINISHED, "result": job.result})
-            await self._ack(delivery, job.label)
-        elif outcome is Outcome.CANCELED:
-            await self._record(job, {"status": TaskStatus.CANCELED})
+            await self._record(job, {"status": TaskStatus.FINISHED, "result": job.result}, final=True)
+            return Disposition(Action.ACK, job.label)
+        if outcome is Outcome.CANCELED:
+            await self._record(job, {"status": TaskStatus.CANCELED}, final=True)
             await self.state_manager.clean_canceled(job.task_id)
-            await self._ack(delivery, job.label)
-        else:
-            self.total_errored += 1
-            await self._settle_error(delivery, job)
-
-    async def _settle_error(self, delivery: Delivery, job: Job) -> None:
+            return Disposition(Action.ACK, job.label)
+        self.total_errored += 1
         failed = {"status": TaskStatus.ERRORED, "error": job.error}
-        if self.max_task_retries is not None and job.retries >= self.max_task_retries:
-            await self._record(job, {**failed, "job_retries": job.retries})
-            logger.error(
-                "%s failed %s times; sending it to the error queue",
-                job.label,
-                job.retries + 1,
-            )
-            await self._nack(delivery, job.label)
-            return
+        if self._exhausted(job.retries):
+            await self._record(job, {**failed, "job_retries": job.retries}, final=True)
+            logger.error("%s failed %s times; sending it to the error queue", job.label, job.retries + 1)
+            return Disposition(Action.DEAD_LETTER, job.label)
         await self._record(job, {**failed, "job_retries": job.retries + 1})
-        await self._delay(delivery, job.label)
+        return Disposition(Action.DELAY, job.label)
 
-    async def _record(self, job: Job, data: dict) -> None:
+    def _exhausted(self, retries: int) -> bool:
+        return self.max_task_retries is not None and retries >= self.max_task_retries
+
+    async def _record(self, job: Job, data: dict, final: bool = False) -> None:
+        """Write the run's outcome; an ended run's state expires state_ttl later, a live one never."""
         data["updated"] = time.time()
-        await self.state_manager.finish(job.task_id, data, self.settings.state_ttl, self.worker_id)
+        if final:
+            data["ended"] = data["updated"]
+        ttl = self.settings.state_ttl if final else None
+        if not await self.state_manager.finish(job.task_id, data, ttl, self.worker_id, run=job.run_id):
+            logger.info("%s: a later run of the same id owns the state now; left untouched", job.label)
 
-    async def _refuse(self, delivery: Delivery, exc: InvalidMessage) -> None:
-        """A poison message: error queue, one log line, and the reason in its state if it has one."""
-        task_id = exc.task_id or messages.trusted_task_id(delivery.body, delivery.headers, self.settings)
-        logger.error(
-            "Task %s refused: %s; sending it to the error queue", task_id or "(no task id)", exc.reason
-        )
-        if task_id:
-            with contextlib.suppress(Exception):
+    async def _infrastructure_failure(self, delivery: Delivery, job: Job, exc: Exception) -> Disposition:
+        """Our own trouble around a task (Redis down, a state write refused): retried, counted.
+
+        The count travels in a header (the state store may be what failed) and is
+        bounded by max_task_retries like the task's own failures.
+        """
+        failures = _count(delivery.headers, FAILURES_HEADER) + 1
+        if not self._exhausted(failures - 1):
+            logger.error("%s could not be handled (%r); retrying it later", job.label, exc, exc_info=exc)
+            return Disposition(Action.DELAY, job.label, counter=FAILURES_HEADER)
+        reason = f"gave up after {failures} failures of the worker's own: {exc!r}"
+        logger.error("%s: %s; sending it to the error queue", job.label, reason)
+        with contextlib.suppress(Exception):
+            await self._record(job, {"status": TaskStatus.ERRORED, "error": reason}, final=True)
+        return Disposition(Action.DEAD_LETTER, job.label)
+
+    async def _refuse(self, delivery: Delivery, exc: Exception, record: bool = True) -> Disposition:
+        """A poison message: error queue, one log line, and the reason in its own state if it has one.
+
+        Only an authentic message names its task (trusted_identity), and only a run that has
+        not ended gets the refusal written: a replayed or forged message spoils no one's state.
+        """
+        reason = exc.reason if isinstance(exc, InvalidMessage) else f"{type(exc).__name__}: {exc}"
+        identity = None
+        if record:
+            identity = messages.trusted_identity(delivery.body, delivery.headers, self.settings)
+        label = f"Task {identity[0] if identity else '(no task id)'}"
+        logger.error("%s refused: %s; sending it to the error queue", label, reason)
+        if identity is not None:
+            task_id, run = identity
+            refused = {"status": TaskStatus.ERRORED, "error": f"refused: {reason}", "run": run}
+            refused["updated"] = refused["ended"] = time.time()
+            try:
                 await self.state_manager.finish(
-                    task_id,
-                    {"status": TaskStatus.ERRORED, "error": f"refused: {exc.reason}"},
-                    self.settings.state_ttl,
-                    self.worker_id,
+                    task_id, refused, self.settings.state_ttl, self.worker_id, run=run, only_open=True
                 )
-        await self._nack(delivery, f"Task {task_id or '(no task id)'}")
+            except Exception:
+                logger.exception("%s: could not record the refusal in its state", label)
+        return Disposition(Action.DEAD_LETTER, label)
 
-    async def _delay(self, delivery: Delivery, label: str) -> None:
-        """Republish to the delay queue (confirmed) and only then ack the original."""
+    async def _dispose(self, delivery: Delivery, disposition: Disposition) -> None:
+        """The one place that acks, nacks or delays a message."""
+        action, label = disposition.action, disposition.label
+        if action is Action.ACK:
+            await self._ack(delivery, label)
+        elif action is Action.DEAD_LETTER:
+            await self._nack(delivery, label)
+        elif action is Action.DELAY:
+            await self._delay(delivery, label, disposition.counter)
+
+    async def _delay(self, delivery: Delivery, label: str, counter: str | None) -> None:
+        """Republish to the delay queue (confirmed), counting why in a header, then ack the original."""
         assert self.publisher is not None
         if not delivery.channel.is_open:
             # the broker already requeued the original: a delayed copy would make it run twice
             logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
+        headers = dict(delivery.headers or {})
+        if counter is not None:
+            headers[counter] = _count(headers, counter) + 1
         try:
             await self.publisher.publish(
-                delivery.body, names.delay_queue(self.settings.queue), retries=1, headers=delivery.headers
+                delivery.body, names.delay_queue(self.settings.queue), retries=1, headers=headers
             )
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back

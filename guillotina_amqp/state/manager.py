@@ -3,37 +3,74 @@
 import abc
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable
 
+import orjson
 from guillotina.component import query_utility
 from zope.interface import implementer
 
 from guillotina_amqp.exceptions import StateManagerUnavailable
 from guillotina_amqp.interfaces import IStateManagerUtility
+from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.status import TaskStatus
+
+logger = logging.getLogger("guillotina_amqp")
 
 # claim() outcomes
 CLAIMED = "claimed"
 CANCELED = "canceled"
 DONE = "done"
 LOCKED = "locked"
+STALE = "stale"  # the message is of an earlier run than the state's
 
 
 @dataclass
 class Claim:
-    """What claiming a delivered task found: one of CLAIMED, CANCELED, DONE, LOCKED."""
+    """What claiming a delivered task found: one of CLAIMED, CANCELED, DONE, LOCKED, STALE.
+
+    `status` is the ended run's status for DONE.
+    """
 
     outcome: str
     job_retries: int = 0
-    eventlog: list = field(default_factory=list)
+    status: str | None = None
 
 
-def initial_state() -> dict[str, Any]:
-    return {"status": TaskStatus.SCHEDULED, "eventlog": [], "job_retries": 0, "updated": time.time()}
+def initial_state(run: str = "") -> dict[str, Any]:
+    """The state of a task just scheduled; `run` tells this run from earlier ones of the same id."""
+    state = {"status": TaskStatus.SCHEDULED, "eventlog": [], "job_retries": 0, "updated": time.time()}
+    if run:
+        state["run"] = run
+    return state
+
+
+def is_valid_task_id(task_id: Any) -> bool:
+    """Whether reading `task_id` may find a task (never a bookkeeping key)."""
+    try:
+        check_task_id(task_id)
+    except ValueError:
+        return False
+    return True
+
+
+def legacy_state(raw: bytes, task_id: str) -> dict[str, Any]:
+    """The state the original plugin wrote (one JSON object), as our state dict."""
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        state = None
+    if not isinstance(state, dict):
+        logger.warning("Task %s: unreadable state left by the original plugin; starting it afresh", task_id)
+        state = {}
+    state.setdefault("status", TaskStatus.SCHEDULED)
+    eventlog = state.get("eventlog")
+    state["eventlog"] = eventlog if isinstance(eventlog, list) else []
+    return state
 
 
 class Watch:
@@ -63,20 +100,38 @@ class StateManager(abc.ABC):
     # -- hot path ---------------------------------------------------------
     @abc.abstractmethod
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
-        """Store `data` as the task's state unless a state exists; return whether it did."""
+        """Store `data` as the task's state (without expiry: the task is live) unless a state
+        of the same or a later run (`data["run"]`) exists; return whether it did. A state of
+        an earlier run, ended or not, is replaced: a reused task id runs again."""
 
     @abc.abstractmethod
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        """Atomically: record `scheduled` if new; if finished/canceled report DONE (and drop
-        any late cancel); if locked report LOCKED (a cancel stays for the lock holder); if
-        in the cancel set mark it canceled; else take the lock, store `job_data` and mark
-        the task running."""
+        """Atomically, for the run `job_data["run"]`: STALE if the state is of a later run;
+        start the state afresh for a later run (unless an earlier one holds the lock:
+        LOCKED); record `scheduled` if new; if the run ended report DONE (and drop any late
+        cancel); if locked report LOCKED (a cancel stays for the lock holder); if in the
+        cancel set mark it canceled; else take the lock, store `job_data` and mark the
+        task running, its state kept without expiry while it is live."""
 
     @abc.abstractmethod
     async def finish(
-        self, task_id: str, data: dict[str, Any], ttl: int | None, owner: str | None = None
-    ) -> None:
-        """Merge the outcome into the state, expire it after `ttl`, release our lock."""
+        self,
+        task_id: str,
+        data: dict[str, Any],
+        ttl: int | None,
+        owner: str | None = None,
+        run: str | None = None,
+        only_open: bool = False,
+    ) -> bool:
+        """Merge the outcome into the state, expire it after `ttl` (None: keep), release our lock.
+
+        Writes nothing (False) when `run` is given and the state is another run's, or when
+        `only_open` and the run already ended.
+        """
+
+    @abc.abstractmethod
+    async def append_event(self, task_id: str, entry: list, limit: int) -> None:
+        """Add `entry` to the task's event log, keeping the last `limit` entries."""
 
     @abc.abstractmethod
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:

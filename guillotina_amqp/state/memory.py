@@ -9,15 +9,18 @@ from guillotina import configure
 
 from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired
 from guillotina_amqp.interfaces import IStateManagerUtility
+from guillotina_amqp.names import check_task_id
 from guillotina_amqp.state.manager import (
     CANCELED,
     CLAIMED,
     DONE,
     LOCKED,
+    STALE,
     Claim,
     StateManager,
     Watch,
     initial_state,
+    is_valid_task_id,
 )
 from guillotina_amqp.state.status import DONE_STATUSES, TaskStatus
 
@@ -52,6 +55,9 @@ class _Expiring(dict):
         if self.live(key) is not None:
             self.put(key, self[key][0], ttl)
 
+    def persist(self, key: str) -> None:
+        self.expire(key, None)
+
 
 @configure.utility(provides=IStateManagerUtility, name="memory")
 class MemoryStateManager(StateManager):
@@ -69,7 +75,7 @@ class MemoryStateManager(StateManager):
     def _merge(self, task_id: str, data: dict[str, Any], ttl: float | None) -> dict[str, Any]:
         # values are stored JSON-encoded, as in Redis: the same types come back, unserializable
         # values fail the same way, and callers never share mutable values with the store
-        fields = {key: orjson.dumps(value) for key, value in data.items()}
+        fields = {key: _encoded(key, value) for key, value in data.items()}
         if not fields and self._states.live(task_id) is None:
             return {}  # Redis has no empty hashes: a state without fields does not exist
         state = _decoded(self._states.merge(task_id, fields, ttl))
@@ -77,19 +83,39 @@ class MemoryStateManager(StateManager):
             self._changed(task_id)
         return state
 
+    def _run_of(self, task_id: str) -> str | None:
+        """The run of the stored state ("" for a state without one); None without a state."""
+        fields = self._states.live(task_id)
+        if fields is None:
+            return None
+        return orjson.loads(fields["run"]) if "run" in fields else ""
+
     # -- hot path ---------------------------------------------------------
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
-        if self._states.live(task_id) is not None:
-            return False
-        self._merge(task_id, data, self.state_ttl)
+        check_task_id(task_id)
+        current = self._run_of(task_id)
+        if current is not None:
+            if current >= data.get("run", ""):
+                return False
+            del self._states[task_id]  # an earlier run of a reused id: this one starts anew
+        self._merge(task_id, data, None)
         return True
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        await self.create(task_id, initial_state())
-        if (await self.get(task_id)).get("status") in DONE_STATUSES:
+        run = job_data.get("run", "")
+        current = self._run_of(task_id)
+        if current is not None and current > run:
+            return Claim(STALE)
+        if current is not None and current < run:
+            if self._locks.live(task_id) is not None:
+                return Claim(LOCKED)
+            del self._states[task_id]
+        await self.create(task_id, initial_state(run))
+        state = await self.get(task_id)
+        if _ended(state):
             # a late cancel of a task that already ended changes nothing (and is forgotten)
             self._canceled.pop(task_id, None)
-            return Claim(DONE)
+            return Claim(DONE, status=state.get("status"))
         if self._locks.live(task_id) is not None:
             # the cancel is left for the worker running the task (its status loop acts on it)
             return Claim(LOCKED)
@@ -98,15 +124,36 @@ class MemoryStateManager(StateManager):
             return Claim(CANCELED)
         self._locks.put(task_id, owner or self.worker_id, lock_ttl)
         running = {"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()}
-        state = self._merge(task_id, running, self.state_ttl)
-        return Claim(CLAIMED, state.get("job_retries") or 0, state.get("eventlog") or [])
+        state = self._merge(task_id, running, None)
+        self._states.persist(task_id)  # a live state never expires
+        return Claim(CLAIMED, state.get("job_retries") or 0)
 
     async def finish(
-        self, task_id: str, data: dict[str, Any], ttl: int | None, owner: str | None = None
-    ) -> None:
+        self,
+        task_id: str,
+        data: dict[str, Any],
+        ttl: int | None,
+        owner: str | None = None,
+        run: str | None = None,
+        only_open: bool = False,
+    ) -> bool:
         if self._locks.live(task_id) == (owner or self.worker_id):
             del self._locks[task_id]
+        current = self._run_of(task_id)
+        if current is not None and (
+            (run is not None and current != run) or (only_open and _ended(await self.get(task_id)))
+        ):
+            return False  # another run owns the state now: leave it alone
         self._merge(task_id, data, ttl or None)  # no ttl keeps the current expiry, as in Redis
+        return True
+
+    async def append_event(self, task_id: str, entry: list, limit: int) -> None:
+        fields = self._states.live(task_id)
+        if fields is None:
+            return
+        events = fields.setdefault("eventlog", [])
+        events.append(orjson.dumps(entry))
+        del events[:-limit]
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         return {task_id for task_id in task_ids if task_id in self._canceled}
@@ -130,13 +177,18 @@ class MemoryStateManager(StateManager):
 
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
-        self._merge(task_id, data, ttl if ttl is not None else self.state_ttl)
+        check_task_id(task_id)
+        if ttl is None and self._states.live(task_id) is None:
+            ttl = self.state_ttl  # a state made by update() alone expires like an ended one
+        self._merge(task_id, data, ttl)
 
     async def get(self, task_id: str) -> dict[str, Any]:
+        if not is_valid_task_id(task_id):
+            return {}
         return _decoded(self._states.live(task_id) or {})
 
     async def exists(self, task_id: str) -> bool:
-        return self._states.live(task_id) is not None
+        return is_valid_task_id(task_id) and self._states.live(task_id) is not None
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
         for task_id in list(self._states):
@@ -190,5 +242,19 @@ class MemoryStateManager(StateManager):
         return task_id in self._canceled
 
 
-def _decoded(fields: dict[str, bytes]) -> dict[str, Any]:
-    return {key: orjson.loads(value) for key, value in fields.items()}
+def _encoded(key: str, value: Any) -> Any:
+    """A field as stored: JSON, and the event log as a list of JSON entries (appended in place)."""
+    if key == "eventlog":
+        return [orjson.dumps(entry) for entry in value]
+    return orjson.dumps(value)
+
+
+def _decoded(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: [orjson.loads(entry) for entry in value] if key == "eventlog" else orjson.loads(value)
+        for key, value in fields.items()
+    }
+
+
+def _ended(state: dict[str, Any]) -> bool:
+    return state.get("status") in DONE_STATUSES or "ended" in state

@@ -2,10 +2,13 @@
 
 Layout: the state of a task is a hash at `<prefix><task_id>` whose fields hold
 JSON values (so one field can change atomically without re-encoding the
-rest), expiring after `state_ttl`; `<prefix>lock:<task_id>` holds the owner
-worker id with a TTL; the sorted set `<prefix>cancel` holds canceled ids
-scored by time. Every state transition is one round trip (a Lua script or a
-pipeline) and publishes on `<prefix>changed:<task_id>` so `join()` need not poll.
+rest); its event log is a capped list at `<prefix>eventlog:<task_id>`; both
+never expire while the task is live and expire `state_ttl` after it ended.
+`<prefix>lock:<task_id>` holds the owner worker id with a TTL; the sorted set
+`<prefix>cancel` holds canceled ids scored by time. Every state transition is
+one round trip (a Lua script) and publishes on `<prefix>changed:<task_id>` so
+`join()` need not poll. A JSON string at `<prefix><task_id>` is the original
+plugin's layout: read as it is, and turned into ours by the first transition.
 """
 
 import asyncio
@@ -23,57 +26,187 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guillotina_amqp import names
-from guillotina_amqp.exceptions import StateManagerUnavailable, TaskAccessUnauthorized, TaskAlreadyAcquired
+from guillotina_amqp.exceptions import (
+    StateManagerUnavailable,
+    TaskAccessUnauthorized,
+    TaskAlreadyAcquired,
+    TaskStateUnusable,
+)
 from guillotina_amqp.interfaces import IStateManagerUtility
+from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import get_settings
-from guillotina_amqp.state.manager import CLAIMED, Claim, StateManager, Watch, initial_state
+from guillotina_amqp.state.manager import (
+    CLAIMED,
+    Claim,
+    StateManager,
+    Watch,
+    initial_state,
+    is_valid_task_id,
+    legacy_state,
+)
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
 T = TypeVar("T")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
-CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
+# Every script that touches a state first looks at its key's type: a string is the
+# original plugin's JSON state (taken over by Python, then the script runs again),
+# anything but a hash is refused before a single write.
+KIND = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then return {'legacy'} end
+if kind ~= 'hash' and kind ~= 'none' then return {'wrongtype', kind} end
+"""
+# Runs: `run` (JSON text) grows with each add_task of the same id; compared as text.
+RUN = """
+local function current_run() return redis.call('HGET', KEYS[1], 'run') or '""' end
+local function ended()
+  local status = redis.call('HGET', KEYS[1], 'status')
+  return status == '"finished"' or status == '"canceled"' or redis.call('HEXISTS', KEYS[1], 'ended') == 1
+end
 """
 
-# KEYS: state, lock, cancel set. ARGV: task id, owner, lock ttl, state ttl,
-# channel, n, n field/value pairs of the initial state, then the running fields.
-CLAIM = """
-local n = tonumber(ARGV[6])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + 2 * n))
+# KEYS: state, eventlog. ARGV: channel, run, field/value pairs.
+CREATE = (
+    KIND
+    + RUN
+    + """
+if kind == 'hash' then
+  if current_run() >= ARGV[2] then return {'exists'} end
+  redis.call('DEL', KEYS[1], KEYS[2])  -- an earlier run of a reused id: this one starts anew
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == '"finished"' or status == '"canceled"' then
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PUBLISH', ARGV[1], 'scheduled')
+return {'created'}
+"""
+)
+
+# KEYS: state, lock, cancel set, eventlog. ARGV: task id, owner, lock ttl, state ttl,
+# channel, run, n, n field/value pairs of the initial state, then the running fields.
+CLAIM = (
+    KIND
+    + RUN
+    + """
+local n = tonumber(ARGV[7])
+if kind == 'hash' then
+  local run = current_run()
+  if run > ARGV[6] then return {'stale'} end
+  if run < ARGV[6] then
+    -- a later run not recorded yet by its add_task: never while the earlier one runs
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {'locked'} end
+    redis.call('DEL', KEYS[1], KEYS[4])
+    kind = 'none'
+  end
+end
+if kind == 'none' then redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + 2 * n)) end
+if ended() then
   -- a late cancel of a task that already ended changes nothing (and is forgotten)
   redis.call('ZREM', KEYS[3], ARGV[1])
-  return {'done'}
+  return {'done', redis.call('HGET', KEYS[1], 'status')}
 end
 -- locked: the cancel is left for the worker running the task (its status loop acts on it)
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'locked'} end
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"canceled"')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
   redis.call('PUBLISH', ARGV[5], 'canceled')
   return {'canceled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7 + 2 * n))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n))
+-- a live state never expires: it gets its state_ttl when the task ends
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[4])
 redis.call('PUBLISH', ARGV[5], 'running')
-local found = redis.call('HMGET', KEYS[1], 'job_retries', 'eventlog')
-return {'claimed', found[1] or '0', found[2] or '[]'}
+return {'claimed', redis.call('HGET', KEYS[1], 'job_retries') or '0'}
+"""
+)
+
+# KEYS: state, lock, eventlog. ARGV: owner, ttl (0 = keep), channel, run ('' = any),
+# 'open' to write only into a state that has not ended, field/value pairs.
+FINISH = (
+    KIND
+    + RUN
+    + """
+local function release()
+  if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+end
+if kind == 'hash' then
+  if (ARGV[4] ~= '' and current_run() ~= ARGV[4]) or (ARGV[5] == 'open' and ended()) then
+    release()  -- another run owns the state now: leave it alone
+    return {'stale'}
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
+release()
+redis.call('PUBLISH', ARGV[3], 'changed')
+return {'written'}
+"""
+)
+
+# KEYS: state, eventlog. ARGV: ttl (0 = keep; a new state gets ARGV[2]), state ttl, channel,
+# 'publish', 'replace' (the event log follows), n, n field/value pairs, event log entries.
+UPDATE = (
+    KIND
+    + """
+local n = tonumber(ARGV[6])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + 2 * n)) end
+if ARGV[5] == 'replace' then
+  redis.call('DEL', KEYS[2])
+  if #ARGV > 6 + 2 * n then redis.call('RPUSH', KEYS[2], unpack(ARGV, 7 + 2 * n)) end
+end
+local ttl = tonumber(ARGV[1])
+if ttl == 0 and kind == 'none' then ttl = tonumber(ARGV[2]) end
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+if ARGV[4] == 'publish' then redis.call('PUBLISH', ARGV[3], 'changed') end
+return {'written'}
+"""
+)
+
+# KEYS: state, eventlog. ARGV: max entries, entry. The list follows the state's expiry.
+APPEND_EVENT = (
+    KIND
+    + """
+if kind == 'none' then return {'missing'} end
+redis.call('HSETNX', KEYS[1], 'eventlog', '[]')
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('PERSIST', KEYS[2]) end
+return {'written'}
+"""
+)
+
+# KEYS: state, eventlog. -> {'hash', fields, entries}, {'legacy', json} or {kind}
+READ = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then return {'legacy', redis.call('GET', KEYS[1])} end
+if kind ~= 'hash' then return {kind} end
+return {'hash', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
-# KEYS: state, lock. ARGV: owner, ttl (0 = none), channel, field/value pairs.
-FINISH = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[3], 'changed')
+# KEYS: state, eventlog. ARGV: the legacy JSON as read, n, n field/value pairs, entries.
+# The original's JSON string becomes our hash (its expiry kept) unless it changed meanwhile.
+TAKE_OVER = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+local n = tonumber(ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
+if #ARGV > 2 + 2 * n then redis.call('RPUSH', KEYS[2], unpack(ARGV, 3 + 2 * n)) end
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
 return 1
 """
 
@@ -95,15 +228,26 @@ return 1
 """
 
 
+SCRIPTS = {
+    "create": CREATE,
+    "claim": CLAIM,
+    "finish": FINISH,
+    "update": UPDATE,
+    "append_event": APPEND_EVENT,
+    "read": READ,
+    "take_over": TAKE_OVER,
+    "owned_lock": OWNED_LOCK,
+    "refresh_locks": REFRESH_LOCKS,
+}
+#: a legacy state rewritten by an original worker between our read and our take-over: try again
+TAKE_OVER_ATTEMPTS = 3
+
+
 def _fields(data: dict[str, Any]) -> list[Any]:
     flat: list[Any] = []
     for key, value in data.items():
         flat += [key, orjson.dumps(value)]
     return flat
-
-
-def _decode(raw: dict[Any, Any]) -> dict[str, Any]:
-    return {_text(key): orjson.loads(value) for key, value in raw.items()}
 
 
 def _text(value: Any) -> str:
@@ -266,13 +410,7 @@ class RedisStateManager(StateManager):
                 )
             driver = await contrib_redis.get_driver()
             self._client = driver.pool
-            for name, source in (
-                ("create", CREATE),
-                ("claim", CLAIM),
-                ("finish", FINISH),
-                ("owned_lock", OWNED_LOCK),
-                ("refresh_locks", REFRESH_LOCKS),
-            ):
+            for name, source in SCRIPTS.items():
                 self._scripts[name] = self._client.register_script(source)
         return self._client
 
@@ -283,41 +421,84 @@ class RedisStateManager(StateManager):
             batch = self._batch = _ScriptBatch(client)
         return await _first_then_retrying(lambda: batch.run(self._scripts[script], keys, args))
 
+    async def _transition(self, script: str, task_id: str, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run a state script (KEYS[1] = the state); take over the original's JSON state when found."""
+        for _ in range(TAKE_OVER_ATTEMPTS):
+            found = await self._run(script, keys, args)
+            kind = _text(found[0])
+            if kind == "legacy":
+                await self._take_over(task_id)
+                continue
+            if kind == "wrongtype":
+                kind = _text(found[1])
+                raise TaskStateUnusable(f"task {task_id}: its key holds a Redis {kind}, not a state")
+            return [kind, *found[1:]]
+        raise TaskStateUnusable(f"task {task_id}: its legacy state kept changing while being taken over")
+
+    async def _take_over(self, task_id: str) -> None:
+        """Turn the original plugin's JSON string into our hash and event log list."""
+        keys = self._state_keys(task_id)
+        found = await self._run("read", keys, [])
+        if _text(found[0]) != "legacy":
+            return  # taken over meanwhile
+        state = legacy_state(found[1], task_id)
+        entries = [orjson.dumps(entry) for entry in state.pop("eventlog")]
+        fields = _fields({**state, "eventlog": []})
+        await self._run("take_over", keys, [found[1], len(fields) // 2, *fields, *entries])
+
     async def _call(self, command: Callable[[Redis], Awaitable[T]]) -> T:
         """`command(client)`, retried on transient errors."""
         client = self._client if self._client is not None else await self.client()
         return await _first_then_retrying(lambda: command(client))
 
-    def _keys(self, task_id: str, prefix: str | None = None) -> tuple[str, str, str]:
+    def _state_keys(self, task_id: str, prefix: str | None = None) -> list[str]:
         prefix = self.prefix if prefix is None else prefix
-        return names.state_key(prefix, task_id), names.lock_key(prefix, task_id), names.cancel_key(prefix)
+        return [names.state_key(prefix, task_id), names.eventlog_key(prefix, task_id)]
 
     # -- hot path ---------------------------------------------------------
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
-        config = get_settings()  # once per call: it is rebuilt from app_settings each time
-        key = names.state_key(config.redis_prefix_key, task_id)
-        return bool(await self._run("create", [key], [config.state_ttl, *_fields(data)]))
+        check_task_id(task_id)
+        prefix = self.prefix
+        args = [names.done_channel(prefix, task_id), orjson.dumps(data.get("run", "")), *_fields(data)]
+        found = await self._transition("create", task_id, self._state_keys(task_id, prefix), args)
+        return found[0] == "created"
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        config = get_settings()
+        config = get_settings()  # once per call: it is rebuilt from app_settings each time
         prefix = config.redis_prefix_key
-        initial = _fields(initial_state())
+        run = job_data.get("run", "")
+        initial = _fields(initial_state(run))
         running = _fields({"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()})
-        args = [task_id, owner or self.worker_id, lock_ttl, config.state_ttl]
-        args += [names.done_channel(prefix, task_id), len(initial) // 2, *initial, *running]
-        found = await self._run("claim", list(self._keys(task_id, prefix)), args)
-        outcome = found[0].decode()
-        if outcome != CLAIMED:
-            return Claim(outcome)
-        return Claim(outcome, orjson.loads(found[1]) or 0, orjson.loads(found[2]) or [])
+        channel = names.done_channel(prefix, task_id)
+        args = [task_id, owner or self.worker_id, lock_ttl, config.state_ttl, channel, orjson.dumps(run)]
+        args += [len(initial) // 2, *initial, *running]
+        state, events = self._state_keys(task_id, prefix)
+        keys = [state, names.lock_key(prefix, task_id), names.cancel_key(prefix), events]
+        found = await self._transition("claim", task_id, keys, args)
+        detail = orjson.loads(found[1]) if len(found) > 1 and found[1] is not None else None
+        if found[0] == CLAIMED:
+            return Claim(CLAIMED, detail or 0)
+        return Claim(found[0], status=detail)
 
     async def finish(
-        self, task_id: str, data: dict[str, Any], ttl: int | None, owner: str | None = None
-    ) -> None:
+        self,
+        task_id: str,
+        data: dict[str, Any],
+        ttl: int | None,
+        owner: str | None = None,
+        run: str | None = None,
+        only_open: bool = False,
+    ) -> bool:
         prefix = self.prefix
-        key, lock, _ = self._keys(task_id, prefix)
-        args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id), *_fields(data)]
-        await self._run("finish", [key, lock], args)
+        state, events = self._state_keys(task_id, prefix)
+        args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id)]
+        args += [orjson.dumps(run) if run is not None else "", "open" if only_open else "", *_fields(data)]
+        keys = [state, names.lock_key(prefix, task_id), events]
+        return (await self._transition("finish", task_id, keys, args))[0] == "written"
+
+    async def append_event(self, task_id: str, entry: list, limit: int) -> None:
+        keys = self._state_keys(task_id)
+        await self._transition("append_event", task_id, keys, [limit, orjson.dumps(entry)])
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
@@ -361,26 +542,37 @@ class RedisStateManager(StateManager):
 
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
-        key = names.state_key(self.prefix, task_id)
-        mapping = dict(zip(*[iter(_fields(data))] * 2))
-        ttl = ttl if ttl is not None else self.state_ttl
-
-        async def send(client: Redis) -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                if mapping:
-                    pipe.hset(key, mapping=mapping)
-                pipe.expire(key, ttl)
-                if "status" in data:
-                    pipe.publish(names.done_channel(self.prefix, task_id), "changed")
-                await pipe.execute()
-
-        await self._call(send)
+        check_task_id(task_id)
+        fields = dict(data)
+        eventlog = fields.pop("eventlog", None)
+        if eventlog is not None:
+            fields["eventlog"] = []  # the entries live in the event log list
+        pairs = _fields(fields)  # refuses what JSON cannot hold before anything is written
+        entries = [orjson.dumps(entry) for entry in eventlog or ()]
+        prefix = self.prefix
+        args = [ttl or 0, self.state_ttl, names.done_channel(prefix, task_id)]
+        args += ["publish" if "status" in data else "", "replace" if eventlog is not None else ""]
+        args += [len(pairs) // 2, *pairs, *entries]
+        await self._transition("update", task_id, self._state_keys(task_id, prefix), args)
 
     async def get(self, task_id: str) -> dict[str, Any]:
-        key = names.state_key(self.prefix, task_id)
-        return _decode(await self._call(lambda client: client.hgetall(key)))
+        if not is_valid_task_id(task_id):
+            return {}
+        found = await self._run("read", self._state_keys(task_id), [])
+        kind = _text(found[0])
+        if kind == "legacy":
+            return legacy_state(found[1], task_id)
+        if kind != "hash":
+            return {}
+        flat = found[1]
+        state = {_text(key): orjson.loads(value) for key, value in zip(flat[::2], flat[1::2])}
+        if "eventlog" in state:
+            state["eventlog"] = [orjson.loads(entry) for entry in found[2]]
+        return state
 
     async def exists(self, task_id: str) -> bool:
+        if not is_valid_task_id(task_id):
+            return False
         key = names.state_key(self.prefix, task_id)
         return bool(await self._call(lambda client: client.exists(key)))
 
@@ -388,9 +580,11 @@ class RedisStateManager(StateManager):
         client = await self.client()
         base = self.prefix
         pattern = _glob_escape(base + prefix) + "*"
-        # bookkeeping keys are strings and a sorted set: TYPE hash keeps tasks only
-        async for key in client.scan_iter(match=pattern, count=1000, _type="hash"):
-            yield key.decode()[len(base) :]
+        # one scan for both layouts (our hashes, the original's strings); bookkeeping keys by name
+        async for key in client.scan_iter(match=pattern, count=1000):
+            name = key.decode()[len(base) :]
+            if names.is_task_key(name):
+                yield name
 
     async def acquire(self, task_id: str, ttl: int) -> bool:
         lock, owner = names.lock_key(self.prefix, task_id), self.worker_id
