@@ -21,17 +21,12 @@ from guillotina.interfaces import IApplication
 from guillotina_amqp import context, registry
 from guillotina_amqp.exceptions import ContainerNotFound, ObjectNotFoundException, ResultNotStorable
 from guillotina_amqp.interfaces import MessageType
+from guillotina_amqp.names import OBJECT_TASK_WRAPPERS
 from guillotina_amqp.settings import AMQPSettings
 from guillotina_amqp.state.manager import StateManager
 from guillotina_amqp.task_vars import amqp_job
 
 logger = logging.getLogger("guillotina_amqp")
-
-#: Object tasks travel as one of these wrappers with the callable's name as first arg.
-OBJECT_TASK_WRAPPERS = (
-    "guillotina_amqp.utils._run_object_task",
-    "guillotina_amqp.utils._yield_object_task",
-)
 
 
 class Outcome(enum.Enum):

@@ -12,6 +12,12 @@ from guillotina_amqp.settings import AMQPSettings
 
 BEACON_EXCHANGE = "beacon"
 
+#: Object tasks travel as one of these wrappers with the callable's name as first arg;
+#: the wrappers resolve (and check) that callable themselves, so they are always allowed.
+OBJECT_TASK_WRAPPERS = frozenset(
+    {"guillotina_amqp.utils._run_object_task", "guillotina_amqp.utils._yield_object_task"}
+)
+
 
 def delay_queue(queue: str) -> str:
     return f"{queue}-delay"

@@ -13,18 +13,13 @@ from guillotina import app_settings
 
 from guillotina_amqp.exceptions import AMQPError, InvalidMessage, TaskNotAllowed
 from guillotina_amqp.interfaces import ITaskDefinition
+from guillotina_amqp.names import OBJECT_TASK_WRAPPERS
 from guillotina_amqp.settings import AMQPSettings
 
 _registered: dict[str, Callable[..., Any]] = {}
 # (name, allowed prefixes) -> (module, attribute, object found there, function): a worker
 # resolves the same few names for every message
 _resolved: dict[tuple[str, tuple[str, ...]], tuple[Any, str, Any, Callable[..., Any]]] = {}
-
-# Object tasks travel as these wrappers; they resolve (and check) the real callable
-# themselves, so they stay allowed whatever `amqp.allowed_tasks` says.
-_ALWAYS_ALLOWED = frozenset(
-    {"guillotina_amqp.utils._run_object_task", "guillotina_amqp.utils._yield_object_task"}
-)
 
 
 def dotted_name(func: Callable[..., Any]) -> str:
@@ -40,14 +35,16 @@ def register(func: Callable[..., Any]) -> str:
 
 
 def allowed_prefixes(settings: AMQPSettings) -> tuple[str, ...]:
+    """amqp.allowed_tasks, or the configured applications but this one: its internals are not
+    tasks (only its object-task wrappers are, allowed by name)."""
     if settings.allowed_tasks is not None:
         return tuple(settings.allowed_tasks)
-    applications = [a for a in app_settings.get("applications") or [] if isinstance(a, str)]
-    return (*applications, "guillotina_amqp")
+    applications = app_settings.get("applications") or []
+    return tuple(a for a in applications if isinstance(a, str) and a.split(".")[0] != "guillotina_amqp")
 
 
 def is_allowed(name: str, settings: AMQPSettings) -> bool:
-    if name in _registered or name in _ALWAYS_ALLOWED:
+    if name in _registered or name in OBJECT_TASK_WRAPPERS:
         return True
     # a prefix must end on a dotted boundary: "app" allows "app.tasks.f", not "appx.f"
     return any(name == p or name.startswith(p.rstrip(".") + ".") for p in allowed_prefixes(settings))

@@ -387,8 +387,9 @@ class Worker:
         logger.error("%s refused: %s; sending it to the error queue", label, reason)
         if identity is not None:
             task_id, run = identity
-            refused = {"status": TaskStatus.ERRORED, "error": f"refused: {reason}", "run": run}
-            refused["updated"] = refused["ended"] = time.time()
+            now = time.time()
+            refused: dict[str, Any] = {"status": TaskStatus.ERRORED, "error": f"refused: {reason}"}
+            refused |= {"run": run, "updated": now, "ended": now}
             try:
                 await self.state_manager.finish(
                     task_id, refused, self.settings.state_ttl, self.worker_id, run=run, only_open=True

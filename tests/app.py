@@ -389,3 +389,13 @@ async def record_item_visible(db_id: str, container_id: str, item_id: str) -> No
     except Exception as exc:  # the test shows it rather than timing out on nothing
         seen["error"] = repr(exc)
     FUTURES_RAN.append(seen)
+
+
+async def unstorable(kind: str) -> Any:
+    """Returns what a result's JSON cannot hold."""
+    return {"set": {1, 2}, "bytes": b"raw", "int-keys": {1: "one"}}[kind]
+
+
+async def sleep_then_add(seconds: float, a: int, b: int) -> int:
+    await asyncio.sleep(seconds)
+    return a + b

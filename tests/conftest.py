@@ -4,9 +4,11 @@ Each test gets its own exchange, queue names and Redis key prefix, so tests
 never see each other's messages or state.
 """
 
+import copy
 import logging
 import os
 import uuid
+from typing import Any
 
 for _name, _default in (
     ("RABBITMQ", "127.0.0.1:5672"),
@@ -18,6 +20,8 @@ for _name, _default in (
 import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 from guillotina import testing  # noqa: E402
+from guillotina.tests import fixtures as guillotina_fixtures  # noqa: E402
+from guillotina.utils import merge_dicts  # noqa: E402
 
 pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures", "tests.own_redis"]
 
@@ -75,6 +79,21 @@ def pg_settings(dbname: str) -> dict:
 
 
 testing.configure_with(base_settings)
+
+
+def _marked_settings(settings: dict, pytest_node: Any) -> dict:
+    """guillotina's own reading of `app_settings` marks, on a copy of each mark's dict.
+
+    guillotina's merge_dicts writes the merged block back into its second argument, the
+    mark's dict: every later test sharing the mark (each parametrization of a test) then
+    got the first one's `amqp` block, its queue and key prefix included.
+    """
+    for mark in pytest_node.iter_markers(name="app_settings") if pytest_node else ():
+        settings = merge_dicts(settings, copy.deepcopy(mark.args[0]))
+    return settings
+
+
+guillotina_fixtures._update_from_pytest_markers = _marked_settings
 
 
 @pytest.fixture(autouse=True)

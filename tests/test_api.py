@@ -15,10 +15,9 @@ from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from guillotina_amqp.utils import cancel_task as utils_cancel_task
 from tests import app
-from tests.utils import queue_counts, running_worker, wait_for
+from tests.utils import BOTH_MANAGERS, queue_counts, running_worker, wait_for
 
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
 NO_RETRIES = pytest.mark.app_settings({"amqp": {"max_task_retries": 0}})
 
 

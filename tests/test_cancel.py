@@ -10,9 +10,8 @@ from guillotina_amqp import add_task, cancel_task
 from guillotina_amqp.names import task_id_prefix
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests import app
-from tests.utils import lines, publish_raw, queue_counts, running_worker, wait_for
+from tests.utils import BOTH_MANAGERS, all_empty, lines, publish_raw, running_worker, wait_for
 
-BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
 HOW = pytest.mark.parametrize("how", ["cancel_task", "TaskState.cancel", "DELETE @amqp-tasks"])
 
 
@@ -32,10 +31,6 @@ async def cancel(requester, how: str, task_id: str) -> None:
     else:
         body, status = await requester("DELETE", f"/db/guillotina/@amqp-tasks/{task_id}")
         assert (status, body) == (200, True)
-
-
-async def all_empty() -> bool:
-    return set((await queue_counts()).values()) == {0}
 
 
 @BOTH_MANAGERS

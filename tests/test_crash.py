@@ -9,14 +9,10 @@ from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus
 from tests import app
 from tests.subprocess_worker import WorkerProcess, worker_config
-from tests.utils import lines, queue_counts, wait_for
+from tests.utils import all_empty, lines, wait_for
 
 #: the dead worker's lock outlives it by at most this (seconds): the retry must wait it out
 LOCK_TTL = 2
-
-
-async def all_empty() -> bool:
-    return set((await queue_counts()).values()) == {0}
 
 
 async def test_killed_worker_task_is_redelivered_and_finished_by_another(guillotina_main, tmp_path):

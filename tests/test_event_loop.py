@@ -11,6 +11,7 @@ import asyncio
 import pytest
 from guillotina.component import get_utility
 
+from guillotina_amqp.settings import get_settings
 from tests.app import FlagUtility, IFlagUtility
 from tests.utils import wait_for
 
@@ -35,3 +36,13 @@ async def test_async_utility_initialize_is_awaited_on_the_test_loop(guillotina_m
     assert isinstance(utility, FlagUtility)
     await wait_for(lambda: utility.initialized, timeout=10, what="FlagUtility.initialize() to run")
     assert utility.loop is asyncio.get_running_loop()
+
+
+@pytest.mark.parametrize("run", [1, 2])
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 1}})
+async def test_each_parametrized_test_gets_its_own_namespace(guillotina_main, namespace, run):
+    """An app_settings mark is shared by a test's parametrizations: it must not carry the first's queue."""
+    settings = get_settings()
+    assert settings.queue == f"test-{namespace}"
+    assert settings.redis_prefix_key == f"test-{namespace}-"
+    assert settings.max_task_retries == 1

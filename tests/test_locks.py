@@ -8,16 +8,17 @@ import pytest
 from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
-from tests.utils import lines, logged, publish_raw, queue_counts, running_worker, wait_for
-
-BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
-
+from tests.utils import (
+    BOTH_MANAGERS,
+    all_empty,
+    lines,
+    logged,
+    publish_raw,
+    running_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
-
-
-async def all_empty() -> bool:
-    return set((await queue_counts()).values()) == {0}
 
 
 @BOTH_MANAGERS

@@ -173,10 +173,18 @@ async def test_prefixes_match_on_dotted_boundaries(guillotina_main):
             registry.resolve(name, settings)
 
 
-async def test_default_allowlist_is_applications_and_guillotina_amqp(guillotina_main):
+async def test_default_allowlist_is_the_applications_and_the_object_task_wrappers(guillotina_main):
     settings = get_settings()
     assert settings.allowed_tasks is None
-    assert set(registry.allowed_prefixes(settings)) >= {"tests.app", "guillotina_amqp"}
+    assert set(registry.allowed_prefixes(settings)) >= {"tests.app", "guillotina.contrib.redis"}
+    assert "guillotina_amqp" not in registry.allowed_prefixes(settings)
+    for internal in (
+        "guillotina_amqp.utils.add_task",
+        "guillotina_amqp.metrics.start_server",
+        "guillotina_amqp.commands.worker.WorkerCommand",
+    ):
+        with pytest.raises(TaskNotAllowed):
+            registry.resolve(internal, settings)
     # object task wrappers keep working when allowed_tasks is set explicitly
     narrowed = dataclasses.replace(settings, allowed_tasks=())
     for wrapper in ("guillotina_amqp.utils._run_object_task", "guillotina_amqp.utils._yield_object_task"):

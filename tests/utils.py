@@ -6,6 +6,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import aioamqp
+import pytest
 from guillotina import app_settings
 from guillotina.component import query_utility
 
@@ -135,3 +136,23 @@ def lines(path) -> list[str]:
 def logged(caplog, *words: str) -> int:
     """How many captured log lines contain every one of `words`."""
     return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
+
+
+#: run a test once per state manager (the `namespace` fixture reads the `manager` param)
+BOTH_MANAGERS = pytest.mark.parametrize("manager", ["memory", "redis"])
+REDIS_ONLY = pytest.mark.parametrize("manager", ["redis"])
+
+
+async def all_empty() -> bool:
+    """Whether the main, delay and error queues of this test are all empty."""
+    return set((await queue_counts()).values()) == {0}
+
+
+async def redis_client():
+    """A client of the tests' Redis server (close it with `aclose()`)."""
+    import os
+
+    from redis.asyncio import Redis
+
+    host, _, port = os.environ["REDIS"].partition(":")
+    return Redis(host=host, port=int(port))

@@ -442,6 +442,7 @@ class RedisStateManager(StateManager):
         if _text(found[0]) != "legacy":
             return  # taken over meanwhile
         state = legacy_state(found[1], task_id)
+        _adopt_run(state, task_id)
         entries = [orjson.dumps(entry) for entry in state.pop("eventlog")]
         fields = _fields({**state, "eventlog": []})
         await self._run("take_over", keys, [found[1], len(fields) // 2, *fields, *entries])
@@ -638,6 +639,19 @@ class RedisStateManager(StateManager):
     async def is_canceled(self, task_id: str) -> bool:
         key = names.cancel_key(self.prefix)
         return await self._call(lambda client: client.zscore(key, task_id)) is not None
+
+
+def _adopt_run(state: dict[str, Any], task_id: str) -> None:
+    """A legacy state about one of our messages was written by an original worker: say so, keep its run."""
+    job_data = state.get("job_data")
+    run = job_data.get("run") if isinstance(job_data, dict) else None
+    if isinstance(run, str) and run and "run" not in state:
+        logger.error(
+            "Task %s: an original guillotina_amqp worker ran one of our messages (JSON state found); "
+            "rolling upgrades with original workers on the same queue are not supported: stop them",
+            task_id,
+        )
+        state["run"] = run
 
 
 def _glob_escape(text: str) -> str:
