@@ -294,7 +294,7 @@ class RedisStateManager(StateManager):
 
     # -- hot path ---------------------------------------------------------
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
-        config = get_settings()  # once per call: it is rebuilt from app_settings each time
+        config = get_settings()  # once per call (kept by get_settings until the block changes)
         key = names.state_key(config.redis_prefix_key, task_id)
         return bool(await self._run("create", [key], [config.state_ttl, *_fields(data)]))
 
