@@ -4,19 +4,23 @@ Add "guillotina_amqp" to `applications`, configure the `amqp` block, then
 `await add_task(func, ...)` (or a `@task` function) and run `g amqp-worker`.
 """
 
+import copy
 from typing import Any
 
 from guillotina import configure
 
 from guillotina_amqp.decorators import object_task, task
+from guillotina_amqp.settings import DEFAULTS, AMQPSettings
 from guillotina_amqp.utils import add_object_task, add_task, cancel_task
 
 __all__ = ["add_object_task", "add_task", "cancel_task", "object_task", "task"]
 
-# No "amqp" block here: without one in the configuration add_task() is a
-# logged no-op (SPEC §1). Its defaults are guillotina_amqp.settings.DEFAULTS.
+# Every default, visible in app_settings["amqp"] (guillotina merges the configuration's
+# block over it). Only where the add-on is not loaded, or `amqp: null`, is there no block:
+# add_task() is then a logged no-op (SPEC §1).
 app_settings: dict[str, Any] = {
-    "redis_prefix_key": "amqpjobs-",
+    "amqp": copy.deepcopy(DEFAULTS),
+    "redis_prefix_key": AMQPSettings.redis_prefix_key,
     "commands": {"amqp-worker": "guillotina_amqp.commands.worker.WorkerCommand"},
 }
 

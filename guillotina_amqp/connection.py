@@ -59,7 +59,7 @@ class AMQPConnection:
 
     async def _connect(self) -> None:
         s = self.settings
-        factory = resolve_dotted_name(s.connection_factory)
+        factory = resolve_dotted_name(s.connection_factory)  # type: ignore[arg-type]  # a callable passes as is
         self.transport, self.protocol = await factory(
             host=s.host,
             port=s.port,

@@ -78,3 +78,7 @@ class StateManagerUnavailable(AMQPError, ConnectionError):
 
 class MessageNotRouted(AMQPError):
     """RabbitMQ confirmed a publish it could not route to any queue (the queue is missing)."""
+
+
+class InvalidSettings(AMQPError, ValueError):
+    """A setting cannot be read as its declared type; the message names it (never a secret's value)."""

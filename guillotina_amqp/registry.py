@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from guillotina import app_settings
 
-from guillotina_amqp.exceptions import AMQPError, InvalidMessage, TaskNotAllowed
+from guillotina_amqp.exceptions import InvalidMessage, TaskNotAllowed
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import OBJECT_TASK_WRAPPERS
 from guillotina_amqp.settings import AMQPSettings
@@ -89,26 +89,3 @@ def _check_origin(name: str, func: Any, settings: AMQPSettings) -> None:
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", "")
     if not isinstance(module, str) or not is_allowed(f"{module}.{qualname}", settings):
         raise TaskNotAllowed(f"function {name} is {module}.{qualname}, which is not under amqp.allowed_tasks")
-
-
-def check_settings() -> None:
-    """Refuse security settings that would silently weaken the checks (at worker start).
-
-    A bare string where a list is expected would be read as one-letter items:
-    `previous_signing_keys: oldkey` would accept messages signed with "o".
-    """
-    block = app_settings.get("amqp") or {}
-    _check_strings(block, "allowed_tasks", "a list of dotted prefixes")
-    _check_strings(block, "previous_signing_keys", "a list of keys")
-    key = block.get("signing_key")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise AMQPError("amqp.signing_key must be a non-empty string (or null to disable signing)")
-
-
-def _check_strings(block: dict, name: str, what: str) -> None:
-    value = block.get(name)
-    if value is None:
-        return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        # never echo the value: it may be a signing key
-        raise AMQPError(f"amqp.{name} must be {what} (non-empty strings), not a {type(value).__name__}")

@@ -1,90 +1,257 @@
-"""The `amqp` settings block (SPEC §2) read as one typed object."""
+"""The `amqp` settings block (SPEC §2) read as one typed, checked object.
 
-from dataclasses import dataclass, field
-from typing import Any
+`AMQPSettings` declares every setting once: name, type and default. `DEFAULTS`
+(what the add-on puts in `app_settings["amqp"]`) is derived from it, and
+`get_settings()` reads each value as its declared type, so strings that
+guillotina takes from the environment (`G_AMQP__MAX_TASK_RETRIES=3`) or from
+`--override amqp.port=5673` come out as numbers, None, booleans and lists.
+"""
+
+import collections.abc
+import copy
+import json
+import os
+import types
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, Callable, Mapping, Union, get_args, get_origin, get_type_hints
 
 from guillotina import app_settings
 
-from guillotina_amqp.exceptions import AMQPConfigurationNotFoundError
+from guillotina_amqp.exceptions import AMQPConfigurationNotFoundError, InvalidSettings
 
-DEFAULTS: dict[str, Any] = {
-    "connection_factory": "aioamqp.connect",
-    "host": "localhost",
-    "port": 5672,
-    "login": "guest",
-    "password": "guest",
-    "vhost": "/",
-    "heartbeat": 120,
-    "exchange": "guillotina",
-    "queue": "guillotina",
-    "persistent_manager": "memory",
-    "max_running_tasks": 20,
-    "state_ttl": 86400,
-    "max_task_retries": 5,
-    "delayed_ttl_ms": 120000,
-    "errored_ttl_ms": 604800000,
-    "beaconttl": 30,
-    # beyond the original (SPEC §6, §9)
-    "noop_after": 200,
-    "kill_after": 300,
-    "shutdown_timeout": 30,
-    "update_status_interval": 20,
-    "lock_ttl": 60,
-    "allowed_tasks": None,
-    "signing_key": None,
-    "previous_signing_keys": [],
-    "max_message_bytes": 1048576,
-    "max_eventlog": 1000,
-}
+#: field metadata: the setting lives at the top level of the configuration, not in the block
+TOP_LEVEL = "top_level"
+#: field metadata: an empty string is refused (an empty signing key would sign with "")
+NON_EMPTY = "non_empty"
 
 
 @dataclass(frozen=True)
 class AMQPSettings:
-    """Every setting of the `amqp` block, defaults filled in."""
+    """Every setting of the `amqp` block, defaults filled in.
 
-    connection_factory: str
-    host: str
-    port: int
-    login: str
-    password: str = field(repr=False)
-    vhost: str
-    heartbeat: int
-    exchange: str
-    queue: str
-    persistent_manager: str
-    max_running_tasks: int
-    state_ttl: int
-    max_task_retries: int | None
-    delayed_ttl_ms: int
-    errored_ttl_ms: int
-    beaconttl: float
-    noop_after: float
-    kill_after: float
-    shutdown_timeout: float
-    update_status_interval: float
-    lock_ttl: int
-    allowed_tasks: tuple[str, ...] | None
-    signing_key: str | None = field(repr=False)
-    previous_signing_keys: tuple[str, ...] = field(repr=False)
+    The one place a setting is declared: its type says how a value given as text
+    (an environment variable) is read, and its default reaches `app_settings["amqp"]`.
+    """
+
+    # a dotted name, or the callable itself (guillotina's resolve_dotted_name takes either)
+    connection_factory: str | Callable[..., Any] = "aioamqp.connect"
+    host: str = "localhost"
+    port: int = 5672
+    login: str = "guest"
+    password: str = field(default="guest", repr=False)
+    vhost: str = "/"
+    heartbeat: int = 120
+    exchange: str = "guillotina"
+    queue: str = "guillotina"
+    persistent_manager: str = "memory"
+    max_running_tasks: int = 20
+    state_ttl: int = 86400
+    max_task_retries: int | None = 5
+    delayed_ttl_ms: int = 120000
+    errored_ttl_ms: int = 604800000
+    beaconttl: float = 30
+    # beyond the original (SPEC §6, §9)
+    noop_after: float = 200
+    kill_after: float = 300
+    shutdown_timeout: float = 30
+    update_status_interval: float = 20
+    lock_ttl: int = 60
+    allowed_tasks: tuple[str, ...] | None = None
+    signing_key: str | None = field(default=None, repr=False, metadata={NON_EMPTY: True})
+    previous_signing_keys: tuple[str, ...] = field(default=(), repr=False)
+    # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000
-    redis_prefix_key: str = "amqpjobs-"
+    # top level of the configuration, not in the block
+    redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})
+
+
+def _plain(value: Any) -> Any:
+    """A default as the configuration writes it (YAML and JSON know lists, not tuples)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+#: The block's defaults, as the add-on's `app_settings["amqp"]` carries them.
+DEFAULTS: dict[str, Any] = {
+    f.name: _plain(f.default) for f in fields(AMQPSettings) if not f.metadata.get(TOP_LEVEL)
+}
+_TYPES = get_type_hints(AMQPSettings)
+_NONE_WORDS = frozenset({"none", "null"})
+_BOOL_WORDS = {"true": True, "false": False}
 
 
 def is_configured() -> bool:
+    """Whether there is an `amqp` block (there is whenever the add-on is loaded)."""
     return isinstance(app_settings.get("amqp"), dict)
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    block: dict[str, Any]  # a deep copy of the block these settings were read from
+    prefix: Any
+    settings: AMQPSettings
+
+
+_last: _Parsed | None = None
+
+
 def get_settings() -> AMQPSettings:
-    """The current `amqp` settings; raise AMQPConfigurationNotFoundError without a block."""
+    """The current `amqp` settings, read and checked.
+
+    Raise AMQPConfigurationNotFoundError without a block, InvalidSettings (a
+    ValueError) naming the setting, and the environment variable it came from,
+    when a value cannot be read as its declared type.
+    """
+    global _last
     block = app_settings.get("amqp")
     if not isinstance(block, dict):
         raise AMQPConfigurationNotFoundError("no 'amqp' block in the application settings")
-    values = {**DEFAULTS, **{k: v for k, v in block.items() if k in DEFAULTS}}
-    allowed = values["allowed_tasks"]
-    values["allowed_tasks"] = tuple(allowed) if allowed is not None else None
-    values["previous_signing_keys"] = tuple(values["previous_signing_keys"] or ())
-    values["port"] = int(values["port"])
-    values["max_running_tasks"] = int(values["max_running_tasks"])
-    prefix = app_settings.get("redis_prefix_key", "amqpjobs-")
-    return AMQPSettings(redis_prefix_key=prefix, **values)
+    prefix = app_settings.get("redis_prefix_key", AMQPSettings.redis_prefix_key)
+    last = _last
+    # called per add_task and per message: read and check the block again only when it changed
+    if last is not None and last.prefix == prefix and last.block == block:
+        return last.settings
+    settings = parse(block, prefix)
+    _last = _Parsed(copy.deepcopy(block), prefix, settings)
+    return settings
+
+
+def parse(block: Mapping[str, Any], prefix: Any = AMQPSettings.redis_prefix_key) -> AMQPSettings:
+    """`block` (an `amqp` settings dict) read as AMQPSettings; InvalidSettings when it cannot be."""
+    values = {}
+    for f in fields(AMQPSettings):
+        if f.metadata.get(TOP_LEVEL):
+            values[f.name] = _read_setting(f, prefix, (f.name,))
+        else:
+            values[f.name] = _read_setting(f, block.get(f.name, f.default), ("amqp", f.name))
+    return AMQPSettings(**values)
+
+
+def _read_setting(f: Any, value: Any, path: tuple[str, ...]) -> Any:
+    kind = _TYPES[f.name]
+    if value is None and not _is_optional(kind):
+        return f.default  # null (or absent) means the default where None is not a value
+    try:
+        value = coerce(value, kind)
+        if f.metadata.get(NON_EMPTY) and value == "":
+            raise ValueError(f"must be a non-empty string{' or none' if _is_optional(kind) else ''}")
+    except ValueError as exc:
+        raise _invalid(path, exc, value, secret=not f.repr) from None
+    return value
+
+
+def read_top_level(name: str, kind: Any, default: Any) -> Any:
+    """A top-level setting of the configuration (e.g. guillotina's `port`) read as `kind`."""
+    value = app_settings.get(name)
+    if value is None:
+        return default
+    try:
+        return coerce(value, kind)
+    except ValueError as exc:
+        raise _invalid((name,), exc, value) from None
+
+
+def _invalid(path: tuple[str, ...], exc: ValueError, value: Any, secret: bool = False) -> InvalidSettings:
+    # a secret's value never reaches an error message (or the log that shows it)
+    shown = f"a {type(value).__name__}" if secret else repr(value)
+    return InvalidSettings(f"{_where(path)} {exc}, not {shown}")
+
+
+def _where(path: tuple[str, ...]) -> str:
+    """The setting's name, and the environment variable it came from if one set it."""
+    name = ".".join(path)
+    wanted = "g_" + "__".join(path)
+    variable = next((k for k in os.environ if k.lower() == wanted), None)
+    return f"{name} (environment variable {variable})" if variable else name
+
+
+def coerce(value: Any, kind: Any) -> Any:
+    """`value` read as type `kind`: str, int, float, bool, tuple[str, ...], dict, or X | None.
+
+    Strings are parsed (guillotina reads environment variables as strings):
+    "3" -> 3, "none"/"null" -> None where None is allowed, "true"/"false",
+    a JSON list for a tuple. ValueError("must be ...") when it cannot be read.
+    """
+    optional = _is_optional(kind)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
+    kinds = [k for k in get_args(kind) if k is not type(None)] if _is_union(kind) else [kind]
+    for one in kinds:  # the first type that reads the value (e.g. a dotted name or a callable)
+        try:
+            return _READERS[get_origin(one) or one][1](value)
+        except (ValueError, TypeError, LookupError):
+            pass
+    expected = " or ".join(_READERS[get_origin(one) or one][0] for one in kinds)
+    raise ValueError(f"must be {expected}{' or none' if optional else ''}")
+
+
+def _is_union(kind: Any) -> bool:
+    return get_origin(kind) in (Union, types.UnionType)
+
+
+def _is_optional(kind: Any) -> bool:
+    return _is_union(kind) and type(None) in get_args(kind)
+
+
+def _read_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `password: 1234` as a number
+    raise TypeError
+
+
+def _read_number(value: Any, parse: Callable[[str], Any], accepted: tuple[type, ...]) -> Any:
+    if isinstance(value, bool):  # YAML reads `port: yes` as True, which Python takes for 1
+        raise TypeError
+    if isinstance(value, accepted):
+        return value
+    if isinstance(value, str):
+        return parse(value.strip())
+    raise TypeError
+
+
+def _read_callable(value: Any) -> Any:
+    if not callable(value):
+        raise TypeError
+    return value
+
+
+def _read_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _BOOL_WORDS[value.strip().lower()]
+    raise TypeError
+
+
+def _read_strings(value: Any) -> tuple[str, ...]:
+    # a bare string is never split into items: `previous_signing_keys: oldkey` would
+    # otherwise accept messages signed with "o"
+    if isinstance(value, str):
+        if not value.lstrip().startswith("["):
+            raise ValueError
+        value = json.loads(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError
+    return tuple(value)
+
+
+def _read_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise TypeError
+    return value
+
+
+_READERS: dict[Any, tuple[str, Callable[[Any], Any]]] = {
+    str: ("a string", _read_str),
+    int: ("an integer", partial(_read_number, parse=int, accepted=(int,))),
+    float: ("a number", partial(_read_number, parse=float, accepted=(int, float))),
+    bool: ("true or false", _read_bool),
+    tuple: ("a list of non-empty strings (JSON in the environment)", _read_strings),
+    dict: ("a JSON object", _read_dict),
+    collections.abc.Callable: ("a callable", _read_callable),
+}

@@ -1,6 +1,7 @@
 """Real `g amqp-worker` processes for tests that need a process to start, die or exit."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,31 @@ def worker_config(**amqp: Any) -> dict:
     return config
 
 
+def environment(config: dict) -> dict[str, str]:
+    """`config` as the `G_...` variables of a container deployment (guillotina reads them).
+
+    The `amqp` block becomes one variable per setting, as text (`G_AMQP__PORT=5672`), to
+    exercise reading them back as their types; other blocks are given whole, as JSON.
+    """
+    env = {f"G_{key.upper()}": env_text(value) for key, value in config.items() if key != "amqp"}
+    for name, value in config.get("amqp", {}).items():
+        env[f"G_AMQP__{name.upper()}"] = env_text(value)
+    return env
+
+
+def env_text(value: Any) -> str:
+    """A setting's value as an operator writes it in an environment variable."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value)
+
+
 def _portable(databases: Any) -> dict:
     """The test's databases as a worker process can open them (DUMMY only lives in-process)."""
     if isinstance(databases, list):
@@ -54,13 +80,20 @@ def _portable(databases: Any) -> dict:
 
 
 class WorkerProcess:
-    """`g amqp-worker -c <config>` in a subprocess, its output kept in a log file."""
+    """`g amqp-worker -c <config>` in a subprocess, its output kept in a log file.
 
-    def __init__(self, config: dict, *args: str, env: dict[str, str] | None = None) -> None:
+    With `config=None` there is no configuration file: guillotina's defaults and the
+    `G_...` environment variables in `env` are all the worker gets.
+    """
+
+    def __init__(self, config: dict | None, *args: str, env: dict[str, str] | None = None) -> None:
         self.extra_env = env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="amqp-worker-"))
-        self.config_path = self.dir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.config_args: list[str] = []
+        if config is not None:
+            config_path = self.dir / "config.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            self.config_args = ["-c", str(config_path)]
         self.log_path = self.dir / "worker.log"
         self.args = args
         self.process: subprocess.Popen | None = None
@@ -69,7 +102,7 @@ class WorkerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(G), "amqp-worker", "-c", str(self.config_path), *self.args],
+                [str(G), "amqp-worker", *self.config_args, *self.args],
                 cwd=self.dir,
                 env=env,
                 stdout=log,

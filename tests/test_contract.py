@@ -43,6 +43,9 @@ SPEC_DEFAULTS = {
     "shutdown_timeout": 30,
     "update_status_interval": 20,
     "lock_ttl": 60,
+    # ours (limits on hostile input, issue 16)
+    "max_message_bytes": 1048576,
+    "max_eventlog": 1000,
 }
 
 #: TTLs that differ from both the defaults and conftest's, to see them reach the queue arguments.
@@ -70,6 +73,13 @@ async def test_defaults_of_a_minimal_amqp_block(guillotina_main, monkeypatch):
     assert worker.update_status_interval == 20
     assert worker.max_task_retries == 5
     assert worker.max_size == 20
+
+
+def test_the_add_on_publishes_every_default_in_app_settings():
+    # SPEC §10: `app_settings["amqp"]` carries every default, as the original's did
+    security = {"allowed_tasks": None, "signing_key": None, "previous_signing_keys": []}
+    assert guillotina_amqp.app_settings["amqp"] == {**SPEC_DEFAULTS, **security}
+    assert guillotina_amqp.app_settings["redis_prefix_key"] == "amqpjobs-"
 
 
 async def test_settings_given_override_the_defaults(guillotina_main, monkeypatch):

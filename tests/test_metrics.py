@@ -104,3 +104,13 @@ async def test_worker_without_prometheus_client_runs_with_metrics_off(guillotina
         assert "prometheus-client is not installed: metrics are off" in worker.output
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, "nothing should serve metrics"
+
+
+async def test_metrics_port_falls_back_to_the_configuration_port(guillotina_main):
+    # as the original plugin did: without --port, the server's `port` setting
+    port = free_port()
+    config = {**worker_config(), "port": port}
+    async with WorkerProcess(config, "--metrics-server") as worker:
+        await worker.wait_consuming()
+        assert f"Serving Prometheus metrics on port {port}" in worker.output
+        assert sample(await scrape(port), "amqp_running_jobs") == 0.0

@@ -28,8 +28,10 @@ def _redis_unreachable(config: dict) -> None:
     config["redis"] = {"host": "127.0.0.1", "port": 1}
 
 
-def _no_amqp_block(config: dict) -> None:
-    config.pop("amqp")
+def _amqp_block_null(config: dict) -> None:
+    # loading the add-on brings every default (a missing block is the defaults, see
+    # test_settings_env.py); `amqp: null` is how a configuration removes the block
+    config["amqp"] = None
 
 
 def _previous_keys_as_string(config: dict) -> None:
@@ -49,15 +51,18 @@ CASES: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "unknown-manager": (_unknown_manager, ["amqp.persistent_manager", "nosuch"]),
     "redis-app-missing": (_redis_app_missing, ["amqp.persistent_manager", "guillotina.contrib.redis"]),
     "redis-unreachable": (_redis_unreachable, ["Redis", "127.0.0.1:1", "redis.host"]),
-    "no-amqp-block": (_no_amqp_block, ["'amqp' block"]),
+    "amqp-block-null": (_amqp_block_null, ["'amqp' block"]),
     "previous-keys-string": (_previous_keys_as_string, ["amqp.previous_signing_keys"]),
     "allowed-tasks-string": (_allowed_tasks_as_string, ["amqp.allowed_tasks"]),
     "empty-signing-key": (_empty_signing_key, ["amqp.signing_key"]),
 }
 
 
-async def _failed_start(config: dict, timeout: float = 90) -> tuple[int, str]:
-    worker = WorkerProcess(config)
+async def failed_start(
+    config: dict | None, *args: str, env: dict[str, str] | None = None, timeout: float = 90
+) -> tuple[int, str]:
+    """Start a worker expected to stop at start-up: its exit code and output."""
+    worker = WorkerProcess(config, *args, env=env)
     try:
         worker.start()
         code = await worker.wait_exit(timeout)
@@ -66,7 +71,7 @@ async def _failed_start(config: dict, timeout: float = 90) -> tuple[int, str]:
     return code, worker.output
 
 
-def _assert_one_clear_line(output: str, names: list[str]) -> None:
+def assert_one_clear_line(output: str, names: list[str]) -> None:
     lines = [line for line in output.splitlines() if STARTUP_FAILED in line]
     assert len(lines) == 1, output
     for name in names:
@@ -80,9 +85,9 @@ async def test_bad_setting_stops_the_worker_with_a_clear_line(guillotina_main, c
     change, names = CASES[case]
     config: dict[str, Any] = worker_config()
     change(config)
-    code, output = await _failed_start(config)
+    code, output = await failed_start(config)
     assert code != 0, output
-    _assert_one_clear_line(output, names)
+    assert_one_clear_line(output, names)
     assert "RabbitMQ" not in output, "the broker was fine: blame the setting, not the broker"
     # a signing key never shows up in the logs
     assert "key-secret" not in output
@@ -90,9 +95,9 @@ async def test_bad_setting_stops_the_worker_with_a_clear_line(guillotina_main, c
 
 async def test_unreachable_broker_stops_the_worker_naming_its_address(guillotina_main):
     # the worker keeps trying to connect for a minute (a broker may start after it)
-    code, output = await _failed_start(worker_config(host="127.0.0.1", port=1), timeout=180)
+    code, output = await failed_start(worker_config(host="127.0.0.1", port=1), timeout=180)
     assert code != 0, output
-    _assert_one_clear_line(output, ["RabbitMQ", "127.0.0.1:1", "amqp.host"])
+    assert_one_clear_line(output, ["RabbitMQ", "127.0.0.1:1", "amqp.host"])
 
 
 async def test_good_settings_start_consuming(guillotina_main):

@@ -13,9 +13,9 @@ from guillotina import app_settings
 from guillotina.commands import Command
 from redis.asyncio import Redis
 
-from guillotina_amqp import metrics, registry
+from guillotina_amqp import metrics
 from guillotina_amqp.connection import CONNECTION_ERRORS
-from guillotina_amqp.exceptions import AMQPError, StateManagerUnavailable
+from guillotina_amqp.exceptions import AMQPError, InvalidSettings, StateManagerUnavailable
 from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-exported
     EXIT_BEACON_LOST,
     EXIT_IDLE,
@@ -24,11 +24,13 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
     EXIT_STARTUP_FAILED,
     LoopWatchdog,
 )
-from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
 from guillotina_amqp.worker import Worker
 
 logger = logging.getLogger("guillotina_amqp")
 
+#: port of the metrics server when neither --port nor the configuration's `port` says
+DEFAULT_METRICS_PORT = 8080
 #: seconds a worker that failed a liveness check gets to close before it is killed
 FAILED_STOP_TIMEOUT = 10
 #: What stops a worker before it starts: bad settings, or a broker it cannot reach.
@@ -58,7 +60,12 @@ class WorkerCommand(Command):
             help="tasks run at once (and prefetched); overrides amqp.max_running_tasks",
         )
         parser.add_argument("--metrics-server", action="store_true", help="serve Prometheus /metrics")
-        parser.add_argument("--port", type=int, default=8080, help="port of the metrics server (8080)")
+        parser.add_argument(
+            "--port",
+            type=int,
+            default=None,
+            help=f"metrics server port (default: the configuration's port, else {DEFAULT_METRICS_PORT})",
+        )
         return parser
 
     def run_command(self, settings: Any = None, loop: Any = None) -> None:
@@ -66,16 +73,10 @@ class WorkerCommand(Command):
         sys.exit(self.exit_code)
 
     async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
-        if arguments.metrics_server:
-            try:
-                metrics.start_server(arguments.port)
-            except OSError as exc:
-                logger.error("amqp-worker could not serve metrics on port %s: %r", arguments.port, exc)
-                self.exit_code = EXIT_STARTUP_FAILED
-                return
         try:
-            registry.check_settings()
-            worker = Worker(max_size=arguments.max_running_tasks)
+            if arguments.metrics_server:
+                _serve_metrics(metrics_port(arguments.port))
+            worker = Worker(max_size=arguments.max_running_tasks)  # reads and checks the settings
             await _check_state_store(worker.settings)
             await worker.start()
         except _STARTUP_ERRORS as exc:
@@ -143,6 +144,23 @@ async def _stop_failed(worker: Worker) -> None:
         await asyncio.wait_for(worker.stop(), FAILED_STOP_TIMEOUT)
     except Exception as exc:
         logger.error("Worker %s did not stop cleanly (%r); exiting anyway", worker.worker_id, exc)
+
+
+def metrics_port(flag: int | None) -> int:
+    """`--port`, else the configuration's top-level `port` (as the original plugin did), else 8080."""
+    if flag is not None:
+        return flag
+    port: int = read_top_level("port", int, DEFAULT_METRICS_PORT)
+    return port
+
+
+def _serve_metrics(port: int) -> None:
+    try:
+        metrics.start_server(port)
+    except OSError as exc:  # not the broker's fault: name the port, not RabbitMQ
+        raise InvalidSettings(
+            f"cannot serve metrics on port {port} (--port, or the configuration's port): {exc!r}"
+        ) from None
 
 
 async def _check_state_store(settings: AMQPSettings) -> None:

@@ -465,7 +465,7 @@ class RedisStateManager(StateManager):
         return found[0] == "created"
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        config = get_settings()  # once per call: it is rebuilt from app_settings each time
+        config = get_settings()  # once per call (kept by get_settings until the block changes)
         prefix = config.redis_prefix_key
         run = job_data.get("run", "")
         initial = _fields(initial_state(run))
