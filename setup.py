@@ -36,11 +36,12 @@ setup(
     classifiers=[
         "Framework :: AsyncIO",
         "Programming Language :: Python :: 3",
-        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3 :: Only",
         "Programming Language :: Python :: 3.11",
         "Topic :: Software Development :: Libraries :: Python Modules",
     ],
-    python_requires=">=3.10",
+    # enum.StrEnum, asyncio.timeout; guillotina_amqp.tests (fixtures, mocks) ships for applications
+    python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]),
     include_package_data=True,
     zip_safe=False,

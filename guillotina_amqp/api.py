@@ -95,10 +95,17 @@ class GetTask(TaskService):
     async def __call__(self) -> dict[str, Any]:
         state = await (await self.task_state()).get_state()
         job_data = state.pop("job_data", None)
-        policy: Any = get_security_policy(get_authenticated_user())  # a zope interface to mypy
-        if job_data is not None and policy.check_permission("guillotina.DebugAMQP", self.context):
+        if job_data is not None and can_debug_amqp(self.context):
             state["job_data"] = _redacted(job_data)
         return state
+
+
+def can_debug_amqp(context: Any = None) -> bool:
+    """Whether the current user may see tasks' `job_data` (permission guillotina.DebugAMQP)
+    on `context`, by default the current container."""
+    context = context if context is not None else task_vars.container.get()
+    policy: Any = get_security_policy(get_authenticated_user())  # a zope interface to mypy
+    return bool(policy.check_permission("guillotina.DebugAMQP", context))
 
 
 @_service("DELETE", "@amqp-tasks/{task_id}", "@amqp-cancel/{task_id}", "Cancel a task")

@@ -1,6 +1,7 @@
 """Connections to RabbitMQ: connect with backoff, declare the topology once, reconnect."""
 
 import asyncio
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -66,9 +67,12 @@ class AMQPConnection:
             login=s.login,
             password=s.password,
             virtualhost=s.vhost,
-            heartbeat=s.heartbeat,
-            on_error=self._on_error,
-            client_properties={"connection_name": self.name},
+            **_accepted_by(
+                factory,
+                heartbeat=s.heartbeat,
+                on_error=self._on_error,
+                client_properties={"connection_name": self.name},
+            ),
         )
         if isinstance(getattr(self.protocol, "_stream_writer", None), asyncio.StreamWriter):
             self.protocol._stream_writer = CoalescingWriter(self.protocol._stream_writer)
@@ -100,6 +104,19 @@ class AMQPConnection:
                 pass
         if transport is not None:
             transport.close()
+
+
+def _accepted_by(factory: Callable[..., Any], **options: Any) -> dict[str, Any]:
+    """The `options` a connection factory takes: all of them with aioamqp.connect's signature
+    (its **kwargs reach the protocol), else those it names (a factory written for the
+    original plugin may take only host, port, login, password and virtualhost)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: assume aioamqp's signature
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return options
+    return {name: value for name, value in options.items() if name in parameters}
 
 
 class CoalescingWriter:

@@ -1,12 +1,16 @@
 """Interfaces of guillotina_amqp (SPEC §1, §5)."""
 
-from enum import Enum
+from enum import StrEnum
 
 from zope.interface import Attribute, Interface
 
 
-class MessageType(str, Enum):
-    """What an async-generator task yields: `(MessageType.X, value)`."""
+class MessageType(StrEnum):
+    """What an async-generator task yields: `(MessageType.X, value)`.
+
+    Plain strings everywhere, `str()` and f-strings included (a `(str, Enum)` turns into
+    "MessageType.RESULT" under `str()` since Python 3.11): `MessageType.RESULT == "result"`.
+    """
 
     RESULT = "result"
     DEBUG = "debug"

@@ -22,8 +22,8 @@ from guillotina_amqp import context, registry
 from guillotina_amqp.exceptions import ContainerNotFound, ObjectNotFoundException, ResultNotStorable
 from guillotina_amqp.interfaces import MessageType
 from guillotina_amqp.names import OBJECT_TASK_WRAPPERS
-from guillotina_amqp.settings import AMQPSettings
-from guillotina_amqp.state.manager import StateManager
+from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.state.manager import StateManager, get_state_manager
 from guillotina_amqp.task_vars import amqp_job
 
 logger = logging.getLogger("guillotina_amqp")
@@ -37,12 +37,25 @@ class Outcome(enum.Enum):
 
 
 class Job:
-    """A decoded message and what running it produced."""
+    """A decoded message and what running it produced.
 
-    def __init__(self, data: dict[str, Any], settings: AMQPSettings, state_manager: StateManager) -> None:
-        self.data = data
-        self.settings = settings
-        self.state_manager = state_manager
+    `Job(data, settings, state_manager)`; the original plugin's call shape
+    `Job(base_request, data, channel, envelope)` works too: the settings and state
+    manager are then this process's, and the other three are kept as attributes
+    (the request is rebuilt from the message; the worker settles the message).
+    """
+
+    base_request: Any = None
+    channel: Any = None
+    envelope: Any = None
+
+    def __init__(self, data: Any, settings: Any, state_manager: Any = None, envelope: Any = None) -> None:
+        if not isinstance(settings, AMQPSettings):  # the original's shape, told by its 2nd argument
+            self.base_request, self.channel, self.envelope = data, state_manager, envelope
+            data, settings, state_manager = settings, get_settings(), get_state_manager()
+        self.data: dict[str, Any] = data
+        self.settings: AMQPSettings = settings
+        self.state_manager: StateManager = state_manager
         self.func: Callable[..., Any] = registry.resolve(data["func"], settings)
         if self.is_object_task:
             if not data["args"]:
@@ -73,6 +86,9 @@ class Job:
         if self.is_object_task:
             return f"run_object_task/{self.data['args'][0]}"
         return self.data["func"]
+
+    #: the original plugin's name for dotted_name
+    function_name = dotted_name
 
     @property
     def label(self) -> str:

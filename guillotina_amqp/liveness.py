@@ -191,21 +191,28 @@ class ActivityCheck:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if self.busy():
-                self.touch()
-                continue
-            now = time.monotonic()
-            idle = now - self.last_activity
-            if idle >= self.kill_after:
-                self.on_failure(
-                    EXIT_IDLE,
-                    f"nothing reached the consumer for {idle:.0f}s (kill_after {self.kill_after:g}s), "
-                    "not even its own no-op probe",
-                )
+            if not await self.check():
                 return
-            if idle >= self.noop_after and now - self._last_probe >= self.probe_every:
-                self._last_probe = now
-                await self._send_probe()
+
+    async def check(self) -> bool:
+        """One round: past `noop_after` idle seconds send a probe, past `kill_after` report
+        the failure. Return whether the worker is still live."""
+        if self.busy():
+            self.touch()
+            return True
+        now = time.monotonic()
+        idle = now - self.last_activity
+        if idle >= self.kill_after:
+            self.on_failure(
+                EXIT_IDLE,
+                f"nothing reached the consumer for {idle:.0f}s (kill_after {self.kill_after:g}s), "
+                "not even its own no-op probe",
+            )
+            return False
+        if idle >= self.noop_after and now - self._last_probe >= self.probe_every:
+            self._last_probe = now
+            await self._send_probe()
+        return True
 
     async def _send_probe(self) -> None:
         try:

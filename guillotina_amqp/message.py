@@ -16,6 +16,7 @@ from guillotina.utils import get_object_url
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
+from guillotina_amqp.types import SerializedRequest, SerializedUser
 
 SIGNATURE_HEADER = "x-guillotina-amqp-signature"
 _SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
@@ -59,7 +60,7 @@ def _granted(settings: dict | None) -> list[str]:
     return [name for name, value in (settings or {}).items() if value in (1, True, Allow, AllowSingle)]
 
 
-def user_data(user: IPrincipal | None) -> dict[str, Any]:
+def user_data(user: IPrincipal | None) -> SerializedUser:
     if user is None:
         return {"id": None, "roles": [], "groups": [], "headers": {}, "data": {}}
     return {
@@ -82,7 +83,9 @@ def _json_safe(value: dict) -> dict:
     return safe
 
 
-def request_data(request: IRequest | None, user: IPrincipal | None, container: Any = None) -> dict:
+def request_data(
+    request: IRequest | None, user: IPrincipal | None, container: Any = None
+) -> SerializedRequest:
     """The `req_data` block: what the worker needs to rebuild the request."""
     if request is None:
         return {

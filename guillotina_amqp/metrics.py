@@ -1,7 +1,7 @@
 """Prometheus metrics of the worker; a no-op when prometheus-client is not installed."""
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -32,9 +32,23 @@ def set_running(count: int) -> None:
         RUNNING_JOBS.set(count)
 
 
+def measure(metric: Any, value: float, labels: dict[str, str] | Sequence[str] | None = None) -> None:
+    """Observe `value` on a histogram or summary, with `labels` (by name or in order) if given.
+
+    A no-op without prometheus-client or without a metric, so callers need no guard.
+    """
+    if not ENABLED or metric is None:
+        return
+    if isinstance(labels, dict):
+        metric = metric.labels(**labels)
+    elif labels:
+        metric = metric.labels(*labels)
+    metric.observe(value)
+
+
 def observe(dotted_name: str, final_status: str, container_id: str | None, seconds: float) -> None:
     if ENABLED:
-        JOB_DURATION.labels(dotted_name, final_status, container_id or "").observe(seconds)
+        measure(JOB_DURATION, seconds, (dotted_name, final_status, container_id or ""))
         JOBS.labels(final_status).inc()
 
 

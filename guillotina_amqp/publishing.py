@@ -53,6 +53,12 @@ class Publisher:
     def _connection_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
+    async def connect(self) -> AMQPConnection:
+        """The publisher's connection, opened (with the queues declared) if it was not."""
+        await self._ready_channel()
+        assert self.connection is not None
+        return self.connection
+
     async def publish(
         self, body: bytes, routing_key: str, retries: int = 3, headers: dict | None = None
     ) -> None:
@@ -114,6 +120,13 @@ class Publisher:
 
 
 _publishers: dict[tuple, Publisher] = {}
+
+
+async def remove_publisher(settings: AMQPSettings) -> None:
+    """Close and forget this loop's publisher for `settings` (the next publish opens a new one)."""
+    publisher = _publishers.pop((id(asyncio.get_running_loop()), settings), None)
+    if publisher is not None:
+        await publisher.close()
 
 
 def get_publisher(settings: AMQPSettings) -> Publisher:

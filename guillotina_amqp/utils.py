@@ -1,4 +1,8 @@
-"""Scheduling and cancelling tasks (SPEC §1): add_task, add_object_task, cancel_task."""
+"""Scheduling and cancelling tasks (SPEC §1): add_task, add_object_task, cancel_task.
+
+Also the helpers the original plugin's users import from here: get_task_id_prefix,
+generate_task_id, serialize_request, make_request, metric_measure.
+"""
 
 import inspect
 import logging
@@ -7,16 +11,18 @@ from typing import Any, AsyncIterator, Callable
 
 from guillotina import task_vars
 from guillotina.interfaces import IRequest
+from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
+from guillotina_amqp import context, metrics, registry, settings
 from guillotina_amqp import message as messages
-from guillotina_amqp import registry, settings
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import check_task_id, task_id_prefix
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
+from guillotina_amqp.types import SerializedRequest
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -27,10 +33,38 @@ def _dotted_name(func: Any) -> str:
     return func if isinstance(func, str) else registry.dotted_name(func)
 
 
-def _new_task_id(db_id: str | None, container_id: str | None) -> str:
-    if container_id:
-        return task_id_prefix(db_id, container_id) + str(uuid.uuid4())
-    return str(uuid.uuid4())
+def get_task_id_prefix() -> str:
+    """What the ids of tasks scheduled here start with: `task:{db_id}-{container_id}-`
+    inside a container, "" elsewhere."""
+    container = task_vars.container.get()
+    if container is None:
+        return ""
+    return task_id_prefix(getattr(task_vars.db.get(), "id", None), container.id)
+
+
+def generate_task_id() -> str:
+    """A new task id for a task scheduled here: get_task_id_prefix() + a uuid4."""
+    return get_task_id_prefix() + str(uuid.uuid4())
+
+
+def serialize_request(request: IRequest | None = None) -> SerializedRequest:
+    """The message's `req_data` for `request` (default: the current one), the current user and
+    container: what the worker rebuilds the task's context from. Credentials are left out."""
+    request = request if request is not None else task_vars.request.get()
+    return messages.request_data(request, get_authenticated_user(), task_vars.container.get())
+
+
+def make_request(base_request: Any, req_data: SerializedRequest | dict) -> Request:
+    """A request rebuilt from `req_data` (url, method, headers, annotations), made current.
+
+    `base_request` is accepted for the original plugin's callers and not used: nothing
+    of the worker's own request goes into a task's request.
+    """
+    return context.rebuild_request(dict(req_data))
+
+
+#: metric_measure(metric, value, labels=None): observe a Prometheus metric if metrics are on
+metric_measure = metrics.measure
 
 
 async def add_task(
@@ -63,7 +97,7 @@ async def add_task(
     container, db = task_vars.container.get(), task_vars.db.get()
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
-    task_id = check_task_id(_task_id) if _task_id is not None else _new_task_id(db_id, container_id)
+    task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
     run = messages.new_run()
     body = messages.encode(
         {

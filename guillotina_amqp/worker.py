@@ -519,3 +519,63 @@ class Worker:
                 logger.warning("Worker %s could not consume again (%r); retrying", self.worker_id, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30)
+
+    # -- names kept from the original plugin ---------------------------------
+    # Thin aliases for applications and tests written against the original; nothing
+    # above depends on them.
+    @property
+    def queue_main(self) -> str:
+        return self.settings.queue
+
+    @property
+    def queue_delayed(self) -> str:
+        return names.delay_queue(self.settings.queue)
+
+    @property
+    def queue_errored(self) -> str:
+        return names.error_queue(self.settings.queue)
+
+    async def handle_queued_job(self, channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
+        """The original's consumer callback: handle one delivery, return once it is settled."""
+        before = set(self._handlers)
+        await self._on_message(channel, body, envelope, properties)
+        await asyncio.gather(*(self._handlers - before))
+
+    @property
+    def last_activity(self) -> float:
+        """time.time() of the last delivery (or of the last check that saw a task running)."""
+        return time.time() - (time.monotonic() - self._activity_check().last_activity)
+
+    @last_activity.setter
+    def last_activity(self, when: float) -> None:
+        self._activity_check().last_activity = time.monotonic() - (time.time() - when)
+
+    def _activity_check(self) -> liveness.ActivityCheck:
+        if self.activity is None:
+            raise RuntimeError(
+                f"Worker {self.worker_id} runs no activity check (not started, or check_activity=False)"
+            )
+        return self.activity
+
+    class _ActivityCheckSwitch:
+        """`worker.check_activity`: true when the worker runs the activity check (the
+        constructor's flag), and, called, one round of it (the original's method):
+        `await worker.check_activity()` sends a probe past `noop_after` idle seconds and
+        fails the worker (exit code 4) past `kill_after`; it returns whether it is live."""
+
+        def __init__(self, worker: "Worker") -> None:
+            self._worker = worker
+
+        def __bool__(self) -> bool:
+            return self._worker._check_activity_enabled
+
+        async def __call__(self) -> bool:
+            return await self._worker._activity_check().check()
+
+    @property
+    def check_activity(self) -> _ActivityCheckSwitch:
+        return Worker._ActivityCheckSwitch(self)
+
+    @check_activity.setter
+    def check_activity(self, enabled: bool) -> None:
+        self._check_activity_enabled = enabled

@@ -189,8 +189,12 @@ class StateManager(abc.ABC):
     async def is_canceled(self, task_id: str) -> bool: ...
 
 
-def get_state_manager() -> StateManager:
-    """The IStateManagerUtility named by `amqp.persistent_manager`."""
+def get_state_manager(loop: asyncio.AbstractEventLoop | None = None) -> StateManager:
+    """The IStateManagerUtility named by `amqp.persistent_manager`.
+
+    `loop` is accepted for the original plugin's callers and ignored: the managers
+    work on whichever loop runs the call.
+    """
     name = get_settings().persistent_manager
     manager = query_utility(IStateManagerUtility, name=name)
     if manager is None:
