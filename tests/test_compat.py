@@ -216,7 +216,7 @@ async def test_job_takes_the_original_call_shape(guillotina_main):
     assert job.data is data and job.task_id == data["task_id"]
     assert job.channel is channel and job.envelope is envelope and job.base_request is None
     assert job.settings == get_settings() and job.state_manager is get_state_manager()
-    assert await job.run([]) is Outcome.FINISHED
+    assert await job.run() is Outcome.FINISHED
     assert job.result == 5
 
 
