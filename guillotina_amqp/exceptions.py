@@ -59,3 +59,7 @@ class StateManagerUnavailable(AMQPError, ConnectionError):
 
 class MessageNotRouted(AMQPError):
     """RabbitMQ confirmed a publish it could not route to any queue (the queue is missing)."""
+
+
+class InvalidSettings(AMQPError, ValueError):
+    """A setting has a value it cannot have (the message names the setting)."""

@@ -1,11 +1,10 @@
-"""Publishing task messages with publisher confirms, reconnecting when the broker drops us."""
+"""Publishing task messages with publisher confirms, over a connection that reconnects itself."""
 
 import asyncio
 import logging
 import uuid
 from typing import Any
 
-import aioamqp
 from aioamqp.channel import Channel
 
 from guillotina_amqp import message as messages
@@ -19,8 +18,8 @@ logger = logging.getLogger("guillotina_amqp")
 class Publisher:
     """A connection and a confirm-mode channel that publish persistent messages.
 
-    `publish` returns only once RabbitMQ confirmed the message; a closed
-    connection or channel is replaced and the publish tried again.
+    `publish` returns only once RabbitMQ confirmed the message; a closed channel is
+    replaced (once the connection is back, if it was lost) and the publish tried again.
     """
 
     def __init__(self, settings: AMQPSettings, connection: AMQPConnection | None = None) -> None:
@@ -30,28 +29,33 @@ class Publisher:
         self._channel: Channel | None = None
         self._lock = asyncio.Lock()
         self._returned: set[str] = set()
+        if connection is not None:
+            connection.on_reconnected(self._forget_channel)
 
     async def _ready_channel(self) -> Channel:
-        if self._channel is not None and self._channel.is_open and self._connection_open():
+        if self._channel is not None and self._channel.is_open:
             return self._channel
         async with self._lock:
-            if self._channel is None or not self._channel.is_open or not self._connection_open():
-                if not self._owns_connection and not self._connection_open():
-                    raise aioamqp.AmqpClosedConnection()  # its owner (the worker) reconnects it
-                if self._owns_connection and not self._connection_open():
-                    if self.connection is not None:
-                        await self.connection.close()
-                    self.connection = AMQPConnection(
-                        self.settings, name=f"guillotina_amqp publisher ({self.settings.queue})"
-                    )
-                    await self.connection.open(max_time=10)
-                assert self.connection is not None
-                self._channel = await self.connection.channel(confirm=True)
+            if self._channel is None or not self._channel.is_open:
+                connection = await self._open_connection()
+                self._channel = await connection.channel(confirm=True)
                 self._channel.return_callback = self._on_return
         return self._channel
 
-    def _connection_open(self) -> bool:
-        return self.connection is not None and self.connection.is_open
+    async def _open_connection(self) -> AMQPConnection:
+        """Our connection, opened on first use; it reconnects itself, we wait for it."""
+        if self.connection is None:
+            connection = AMQPConnection(
+                self.settings, name=f"guillotina_amqp publisher ({self.settings.queue})"
+            )
+            await connection.open(max_time=10)
+            connection.on_reconnected(self._forget_channel)
+            self.connection = connection
+        await self.connection.wait_open()
+        return self.connection
+
+    async def _forget_channel(self) -> None:
+        self._channel = None  # it died with the old connection
 
     async def publish(
         self, body: bytes, routing_key: str, retries: int = 3, headers: dict | None = None
@@ -110,6 +114,7 @@ class Publisher:
     async def close(self) -> None:
         if self._owns_connection and self.connection is not None:
             await self.connection.close()
+            self.connection = None
         self._channel = None
 
 

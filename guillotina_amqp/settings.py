@@ -5,7 +5,7 @@ from typing import Any
 
 from guillotina import app_settings
 
-from guillotina_amqp.exceptions import AMQPConfigurationNotFoundError
+from guillotina_amqp.exceptions import AMQPConfigurationNotFoundError, InvalidSettings
 
 DEFAULTS: dict[str, Any] = {
     "connection_factory": "aioamqp.connect",
@@ -33,7 +33,15 @@ DEFAULTS: dict[str, Any] = {
     "allowed_tasks": None,
     "signing_key": None,
     "previous_signing_keys": [],
+    # beyond one machine (SPEC §14)
+    "hosts": [],
+    "queue_type": "classic",
 }
+
+#: queue types `amqp.queue_type` accepts
+QUEUE_TYPES = ("classic", "quorum")
+#: quorum queues get names of their own: RabbitMQ refuses to re-declare a queue with other arguments
+QUORUM_SUFFIX = "-quorum"
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,16 @@ class AMQPSettings:
     allowed_tasks: tuple[str, ...] | None
     signing_key: str | None = field(repr=False)
     previous_signing_keys: tuple[str, ...] = field(repr=False)
+    hosts: tuple[str, ...] = ()
+    queue_type: str = "classic"
     redis_prefix_key: str = "amqpjobs-"
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The brokers to connect to, in order: `hosts` ("host:port", the port defaulting to
+        `port`) or else `host`:`port`."""
+        if not self.hosts:
+            return [(self.host, self.port)]
+        return [_address(entry, self.port) for entry in self.hosts]
 
 
 def is_configured() -> bool:
@@ -82,5 +99,25 @@ def get_settings() -> AMQPSettings:
     values["previous_signing_keys"] = tuple(values["previous_signing_keys"] or ())
     values["port"] = int(values["port"])
     values["max_running_tasks"] = int(values["max_running_tasks"])
+    values["hosts"] = _hosts(values["hosts"], values["port"])
+    if values["queue_type"] not in QUEUE_TYPES:
+        raise InvalidSettings(f"amqp.queue_type must be one of {QUEUE_TYPES}, not {values['queue_type']!r}")
+    if values["queue_type"] == "quorum":
+        values["queue"] += QUORUM_SUFFIX
     prefix = app_settings.get("redis_prefix_key", "amqpjobs-")
     return AMQPSettings(redis_prefix_key=prefix, **values)
+
+
+def _hosts(hosts: Any, port: int) -> tuple[str, ...]:
+    if isinstance(hosts, str) or not all(isinstance(entry, str) for entry in hosts or ()):
+        raise InvalidSettings(f'amqp.hosts must be a list of "host:port" strings, not {hosts!r}')
+    for entry in hosts or ():
+        _address(entry, port)  # raises on a bad entry
+    return tuple(hosts or ())
+
+
+def _address(entry: str, default_port: int) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", str(default_port))
+    if not host or not port.isdigit():
+        raise InvalidSettings(f'amqp.hosts: {entry!r} is not "host:port"')
+    return host, int(port)
