@@ -12,8 +12,9 @@ from guillotina import app_settings
 
 from guillotina_amqp import add_task
 from guillotina_amqp.exceptions import InvalidSettings
+from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.settings import get_settings
-from guillotina_amqp.state import TaskStatus
+from guillotina_amqp.state import TaskStatus, redis_client
 from tests import app
 from tests.test_faults import close_connection, rabbitmqctl, reconnected
 from tests.utils import queue_counts, running_worker, wait_for
@@ -115,3 +116,24 @@ def test_bad_cluster_settings_raise_naming_the_setting(guillotina_main, block, n
 @pytest.mark.app_settings({"amqp": {"hosts": ["rabbit-a:5672", "rabbit-b", "10.0.0.3:5673"], "port": 5671}})
 def test_hosts_default_to_amqp_port(guillotina_main):
     assert get_settings().addresses() == [("rabbit-a", 5672), ("rabbit-b", 5671), ("10.0.0.3", 5673)]
+
+
+@pytest.mark.app_settings({"amqp": {"hosts": TWO_ADDRESSES}})
+async def test_publisher_fails_over_to_the_next_host(guillotina_main):
+    await add_task(app.noop)
+    publisher = get_publisher(get_settings())
+    first = publisher.connection.address
+    old = await close_connection(publisher.connection.name)
+    await wait_for(lambda: reconnected(publisher.connection.name, old), timeout=60, what="a new connection")
+
+    state = await add_task(app.noop)
+
+    assert publisher.connection.address != first
+    assert await state.get_status() == TaskStatus.SCHEDULED
+    assert list((await queue_counts()).values()) == [2, 0, 0]
+
+
+@pytest.mark.parametrize("sentinels", ["127.0.0.1:26379", ["127.0.0.1"], [["127.0.0.1", 26379]]])
+def test_bad_sentinels_raise_naming_the_setting(sentinels):
+    with pytest.raises(InvalidSettings, match="redis.sentinels"):
+        redis_client.sentinel_addresses({"sentinels": sentinels})
