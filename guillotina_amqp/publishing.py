@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from aioamqp.channel import Channel
+from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
@@ -13,6 +14,9 @@ from guillotina_amqp.exceptions import MessageNotRouted
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
+
+#: seconds before the first retry of a failed publish; doubled for each next one
+RETRY_PAUSE = 0.5
 
 
 class Publisher:
@@ -63,9 +67,10 @@ class Publisher:
         """Publish `body` persistently to the exchange; return once RabbitMQ confirmed it.
 
         A closed connection or channel is replaced and the publish tried again, up to
-        `retries` times. A message the broker confirms but cannot route (its queue was
-        deleted since we declared it) would be lost: the queues are declared again and
-        the message published once more, else MessageNotRouted.
+        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
+        A message the broker confirms but cannot route (its queue was deleted since we
+        declared it) would be lost: the queues are declared again and the message
+        published once more, else MessageNotRouted.
         """
         properties = self._properties(body, headers)
         redeclared = False
@@ -76,12 +81,18 @@ class Publisher:
                 await channel.publish(
                     body, self.settings.exchange, routing_key, properties=properties, mandatory=True
                 )
-            except CONNECTION_ERRORS as exc:
-                self._channel = None
+            except (*CONNECTION_ERRORS, PublishFailed) as exc:
+                if not isinstance(exc, PublishFailed):  # a nack leaves the channel open
+                    self._channel = None
                 if attempt >= retries:
                     raise
                 attempt += 1
-                logger.warning("Publish to %s failed (%r); retrying over a new channel", routing_key, exc)
+                logger.warning(
+                    "Publish to %s failed (%r); retrying (%s of %s)", routing_key, exc, attempt, retries
+                )
+                # time for a lost connection to be noticed and replaced, or for a quorum
+                # queue to elect a new leader (it refuses publishes meanwhile)
+                await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
                 continue
             if properties["message_id"] not in self._returned:
                 return
