@@ -91,7 +91,11 @@ class AMQPConnection:
         """Connect to a broker, retrying with exponential backoff for up to `max_time` seconds,
         and declare the topology; from then on, reconnect whenever the connection is lost."""
         await retrying(self._connect_any, max_time)
-        await self.declare_topology()
+        try:
+            await self.declare_topology()
+        except BaseException:
+            await self._drop()  # no half-open connection left behind
+            raise
         self._supervisor = asyncio.create_task(self._supervise())
 
     def on_reconnected(self, listener: Listener) -> None:

@@ -17,7 +17,7 @@ from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus, redis_client
 from tests import app
 from tests.test_faults import close_connection, rabbitmqctl, reconnected
-from tests.utils import queue_counts, running_worker, wait_for
+from tests.utils import publish_raw, queue_counts, running_worker, wait_for
 
 pytestmark = pytest.mark.usefixtures("outside_container")
 
@@ -44,8 +44,9 @@ async def test_quorum_queues_run_retry_and_dead_letter_like_classic_ones(worker)
 
     done = await asyncio.wait_for((await add_task(app.add, 2, 3)).join(), 60)
     failing = await add_task(app.fail, "always")
+    await publish_raw(b"not a task")  # poison: straight to the error queue
     # the retry goes through the delay queue, the last failure into the error queue
-    await wait_for(lambda: _counts_are([0, 0, 1]), timeout=60, what="the error queue to hold it")
+    await wait_for(lambda: _counts_are([0, 0, 2]), timeout=60, what="the error queue to hold both")
 
     assert (done["status"], done["result"]) == (TaskStatus.FINISHED, 5)
     failed = await failing.get_state()
