@@ -9,12 +9,19 @@
 #   scripts/ha-engines.sh start   # stops leftovers of an earlier run first
 #   scripts/ha-engines.sh stop    # idempotent; removes every data folder
 #
-# Everything lives under $HA_DIR (default /tmp/guillotina-amqp-ha). rabbitmq-server drops
-# to the `rabbitmq` user (sharing its Erlang cookie with rabbitmqctl), so its folders are
-# owned by that user.
+# Everything lives under $HA_DIR (default /tmp/guillotina-amqp-ha). Run as root:
+# rabbitmq-server drops to the `rabbitmq` user (sharing its Erlang cookie with rabbitmqctl),
+# so the script makes that user the owner of the nodes' folders.
 set -Eeuo pipefail
 
 HA_DIR=${HA_DIR:-/tmp/guillotina-amqp-ha}
+case "$HA_DIR" in
+    /tmp/?*) ;;  # stop() removes it: never anything outside /tmp
+    *)
+        echo "HA_DIR must be a folder under /tmp, not $HA_DIR" >&2
+        exit 2
+        ;;
+esac
 RABBIT_NODES=(ha1 ha2 ha3)
 AMQP_BASE_PORT=5700
 DIST_BASE_PORT=25700
@@ -60,6 +67,7 @@ EOF
     # shellcheck disable=SC2046
     env $(node_env "$i") setsid rabbitmq-server >"$dir/server.out" 2>&1 </dev/null &
     echo $! >"$HA_DIR/rabbit/$node.session"
+    disown
 }
 
 start_rabbit() {
@@ -86,9 +94,11 @@ start_redis() {
     local common=(--bind 127.0.0.1 --save "" --appendonly no --daemonize no)
     redis-server --port "$REDIS_MASTER" --dir "$dir" "${common[@]}" >"$dir/master.log" 2>&1 &
     echo $! >"$dir/master.pid"
+    disown
     redis-server --port "$REDIS_REPLICA" --dir "$dir" --replicaof 127.0.0.1 "$REDIS_MASTER" \
         "${common[@]}" >"$dir/replica.log" 2>&1 &
     echo $! >"$dir/replica.pid"
+    disown
     for port in "${SENTINELS[@]}"; do
         # Sentinel rewrites its file with what it learns: one file each
         cat >"$dir/sentinel-$port.conf" <<EOF
@@ -102,6 +112,7 @@ sentinel parallel-syncs $MASTER_NAME 1
 EOF
         redis-server "$dir/sentinel-$port.conf" --sentinel >"$dir/sentinel-$port.log" 2>&1 &
         echo $! >"$dir/sentinel-$port.pid"
+        disown
     done
     for port in "$REDIS_MASTER" "$REDIS_REPLICA" "${SENTINELS[@]}"; do
         wait_port "$port"
