@@ -1,9 +1,17 @@
-"""Connections to RabbitMQ: connect with backoff, declare the topology once, reconnect."""
+"""Connections to RabbitMQ: connect to any broker, declare the topology, stay connected.
+
+Reconnecting lives here, as in aio-pika's RobustConnection: a lost connection
+is opened again (the next broker of `amqp.hosts` first), the topology declared
+again, and then its users are told. `on_reconnected` listeners drop what they
+held on the old connection; `keep` subscriptions have their set-up run again,
+also when only the channel or consumer they returned is lost.
+"""
 
 import asyncio
 import inspect
 import logging
-from typing import Any, Callable
+import random
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aioamqp
 import backoff
@@ -14,6 +22,7 @@ from guillotina_amqp import names
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
+T = TypeVar("T")
 
 #: What a broken connection or channel raises; callers reconnect on these.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
@@ -24,10 +33,30 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 )
 #: What closing a connection may raise besides: a broker that never answers the close.
 _CLOSE_ERRORS: tuple[type[Exception], ...] = (asyncio.TimeoutError, *CONNECTION_ERRORS)
+#: seconds to wait for one broker to accept a connection before trying the next
+CONNECT_TIMEOUT = 10.0
+
+#: told that the connection is back (topology declared again)
+Listener = Callable[[], Awaitable[None]]
+#: sets up what a subscriber needs on the connection; returns {what: event set once it is lost}
+Setup = Callable[[], Awaitable[dict[str, asyncio.Event]]]
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    max_time: float | None,
+    giveup: Callable[[Exception], bool] = lambda exc: False,
+) -> T:
+    """`await call()`, retried on CONNECTION_ERRORS with exponential backoff (at most 5 s
+    apart) for up to `max_time` seconds (None: until it works or `giveup(error)`)."""
+    return await backoff.on_exception(
+        backoff.expo, CONNECTION_ERRORS, max_time=max_time, max_value=5, giveup=giveup, logger=logger
+    )(call)()
 
 
 class AMQPConnection:
-    """One connection to the broker, with the queues of SPEC §3 declared on it."""
+    """One connection to a broker, with the queues of SPEC §3 declared on it, reconnected
+    (to any broker of `amqp.hosts`) from open() until close()."""
 
     def __init__(
         self,
@@ -41,29 +70,79 @@ class AMQPConnection:
         self.name = name
         self.transport: asyncio.BaseTransport | None = None
         self.protocol: aioamqp.AmqpProtocol | None = None
+        self._addresses = settings.addresses()
+        # connections start on a random broker, so workers spread over the cluster's nodes
+        self._current = random.randrange(len(self._addresses))
+        self._listeners: list[Listener] = []
+        self._kept: dict[Setup, dict[str, asyncio.Event]] = {}
+        self._kept_changed = asyncio.Event()
+        self._supervisor: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.settings.port}{self.settings.vhost}"
+        """host:port/vhost of the broker this connection uses (or tries next)."""
+        host, port = self._addresses[self._current]
+        return f"{host}:{port}{self.settings.vhost}"
 
     @property
     def is_open(self) -> bool:
         return self.protocol is not None and self.protocol.state == aioamqp.protocol.OPEN
 
     async def open(self, max_time: float = 60) -> None:
-        """Connect, retrying with exponential backoff for up to `max_time` seconds."""
-        connect = backoff.on_exception(
-            backoff.expo, CONNECTION_ERRORS, max_time=max_time, max_value=5, logger=logger
-        )(self._connect)
-        await connect()
-        await self.declare_topology()
+        """Connect to a broker, retrying with exponential backoff for up to `max_time` seconds,
+        and declare the topology; from then on, reconnect whenever the connection is lost."""
+        await retrying(self._connect_any, max_time)
+        try:
+            await self.declare_topology()
+        except BaseException:
+            await self._drop()  # no half-open connection left behind
+            raise
+        self._supervisor = asyncio.create_task(self._supervise())
 
-    async def _connect(self) -> None:
+    def on_reconnected(self, listener: Listener) -> None:
+        """Await `listener()` after every reconnection (the topology declared again)."""
+        self._listeners.append(listener)
+
+    async def keep(self, setup: Setup) -> None:
+        """Run `setup()` now, and again after every reconnection or when one of the events it
+        returned is set while the connection stays open (the topology declared again first:
+        a deleted queue cancels its consumers)."""
+        self._kept[setup] = await setup()
+        self._kept_changed.set()
+
+    def forget(self, setup: Setup) -> None:
+        """Run `setup` no more."""
+        self._kept.pop(setup, None)
+        self._kept_changed.set()
+
+    async def wait_open(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Return once the connection is open; ConnectionError after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.is_open:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise ConnectionError(f"no RabbitMQ connection to {self.address} within {timeout:g}s") from None
+
+    async def _connect_any(self) -> None:
+        """Try each broker once, the current one first; raise the last error if none answers."""
+        error: Exception = ConnectionError("no broker")
+        for _ in self._addresses:
+            try:
+                await asyncio.wait_for(self._connect(*self._addresses[self._current]), CONNECT_TIMEOUT)
+                return
+            except CONNECTION_ERRORS as exc:
+                error = exc
+                logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
+                self._current = (self._current + 1) % len(self._addresses)
+        raise error
+
+    async def _connect(self, host: str, port: int) -> None:
         s = self.settings
         factory = resolve_dotted_name(s.connection_factory)  # type: ignore[arg-type]  # a callable passes as is
         self.transport, self.protocol = await factory(
-            host=s.host,
-            port=s.port,
+            host=host,
+            port=port,
             login=s.login,
             password=s.password,
             virtualhost=s.vhost,
@@ -80,7 +159,8 @@ class AMQPConnection:
 
     async def channel(self, confirm: bool = False) -> Channel:
         """A new channel; in confirm mode when `confirm` (publishes wait for the broker)."""
-        assert self.protocol is not None, "connection not open"
+        if self.protocol is None or not self.is_open:
+            raise ConnectionError(f"no open RabbitMQ connection to {self.address}")
         channel = await self.protocol.channel()
         if confirm:
             await channel.confirm_select()
@@ -95,7 +175,78 @@ class AMQPConnection:
         finally:
             await channel.close()
 
-    async def close(self) -> None:
+    # -- staying connected ----------------------------------------------------
+    async def _supervise(self) -> None:
+        while True:
+            lost = await self._wait_for_loss()
+            if lost:
+                await self._restore_lost(lost)
+                continue
+            logger.warning("%s lost its RabbitMQ connection to %s; reconnecting", self.name, self.address)
+            # fail over: the next broker first (one that was killed refuses at once anyway)
+            self._current = (self._current + 1) % len(self._addresses)
+            await retrying(self._reopen, None)
+            logger.info("%s reconnected to RabbitMQ at %s", self.name, self.address)
+            for listener in list(self._listeners):
+                try:
+                    await listener()
+                except Exception:
+                    logger.exception("%s: a reconnection listener failed", self.name)
+            for setup in list(self._kept):
+                await self._restore(setup)
+
+    async def _wait_for_loss(self) -> list[tuple[Setup, str]]:
+        """Wait until the connection is lost ([]) or, while it stays open, a kept subscription's
+        channel or consumer ([(setup, what was lost)])."""
+        assert self.protocol is not None
+        while self.is_open:
+            self._kept_changed.clear()
+            events = [self.protocol.connection_closed, self._kept_changed]
+            events += [event for kept in self._kept.values() for event in kept.values()]
+            waits = [asyncio.ensure_future(event.wait()) for event in events]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            # a closing connection closes its channels first: judge by the connection
+            lost = [(s, what) for s, kept in self._kept.items() for what, e in kept.items() if e.is_set()]
+            if lost and self.is_open:
+                return lost
+        return []
+
+    async def _restore_lost(self, lost: list[tuple[Setup, str]]) -> None:
+        for setup, what in lost:
+            logger.warning("%s lost its RabbitMQ %s; setting it up again", self.name, what)
+        try:
+            await self.declare_topology()
+        except CONNECTION_ERRORS as exc:
+            logger.warning("%s could not declare the queues again: %r", self.name, exc)
+        for setup in dict(lost):
+            await self._restore(setup)
+
+    async def _restore(self, setup: Setup) -> None:
+        if setup not in self._kept:
+            return  # forgotten meanwhile
+        try:
+            kept = await retrying(setup, None, giveup=lambda exc: not self.is_open)
+        except CONNECTION_ERRORS:
+            return  # the connection went down meanwhile: restored after the reconnection
+        except Exception:
+            # a bug, not the broker: give up on it (a worker's activity check notices it idles)
+            logger.exception("%s could not set up %r again; giving up on it", self.name, setup)
+            self.forget(setup)
+            return
+        if setup in self._kept:
+            self._kept[setup] = kept
+            logger.info("%s set up again on RabbitMQ at %s", self.name, self.address)
+
+    async def _reopen(self) -> None:
+        await self._drop()
+        await self._connect_any()
+        await self.declare_topology()
+
+    async def _drop(self) -> None:
         protocol, transport, self.protocol, self.transport = self.protocol, self.transport, None, None
         if protocol is not None and protocol.state == aioamqp.protocol.OPEN:
             try:
@@ -104,6 +255,14 @@ class AMQPConnection:
                 pass
         if transport is not None:
             transport.close()
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting it."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        await self._drop()
 
 
 def _accepted_by(factory: Callable[..., Any], **options: Any) -> dict[str, Any]:

@@ -59,9 +59,9 @@ class Beacon:
         self.queue: str | None = None
         self.delay_queue: str | None = None
         self.last_seen = time.monotonic()
-        self._protocol: Any = None
         self._channel: Channel | None = None
         self._arrived = asyncio.Event()
+        connection.on_reconnected(self._forget_channel)
 
     @property
     def deadline(self) -> float:
@@ -82,34 +82,35 @@ class Beacon:
                 )
                 return
             except CONNECTION_ERRORS as exc:
-                # the worker reconnects; the deadline keeps running meanwhile
+                # the connection reconnects; the deadline keeps running meanwhile
                 logger.debug("Beacon on %s interrupted (%r); retrying", self.queue, exc)
                 await asyncio.sleep(min(self.ttl, 1))
 
+    async def _forget_channel(self) -> None:
+        self._channel = None  # it died with the old connection: declare new queues
+
     async def _round_trip(self) -> None:
-        protocol = self.connection.protocol
-        if protocol is None or protocol.connection_closed.is_set():
-            raise ConnectionError("connection not open")
-        if protocol is not self._protocol or self._channel is None or not self._channel.is_open:
-            await self._declare(protocol)
-        assert self._channel is not None
+        if self._channel is None or not self._channel.is_open:
+            await self._declare()
+        channel = self._channel
+        assert channel is not None
         self._arrived.clear()
-        await self._channel.publish(b"beacon", names.BEACON_EXCHANGE, self.delay_queue)
+        await channel.publish(b"beacon", names.BEACON_EXCHANGE, self.delay_queue)
         arrived = asyncio.ensure_future(self._arrived.wait())
-        closed = asyncio.ensure_future(protocol.connection_closed.wait())
+        # the channel closes with its connection
+        closed = asyncio.ensure_future(channel.close_event.wait())
         try:
             await asyncio.wait({arrived, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             arrived.cancel()
             closed.cancel()
         if not self._arrived.is_set():
-            raise ConnectionError("connection closed while the beacon travelled")
+            raise ConnectionError("channel closed while the beacon travelled")
 
-    async def _declare(self, protocol: Any) -> None:
+    async def _declare(self) -> None:
         """Exclusive beacon queues on this connection (they vanish with it)."""
-        self._protocol = protocol
         self.queue, self.delay_queue = names.beacon_queues(uuid.uuid4().hex)
-        channel = self._channel = await _beacon_exchange_channel(protocol)
+        channel = self._channel = await _beacon_exchange_channel(self.connection)
         await channel.queue_declare(self.queue, exclusive=True)
         await channel.queue_declare(
             self.delay_queue,
@@ -136,18 +137,18 @@ class Beacon:
         self._arrived.set()
 
 
-async def _beacon_exchange_channel(protocol: Any) -> Channel:
+async def _beacon_exchange_channel(connection: AMQPConnection) -> Channel:
     """A channel on which the `beacon` exchange exists.
 
     Use the exchange as found (another deployment may have declared it durable,
     and a re-declaration with other flags would be refused); create it if missing.
     """
-    channel = await protocol.channel()
+    channel = await connection.channel()
     try:
         await channel.exchange_declare(names.BEACON_EXCHANGE, "direct", passive=True)
         return channel
     except aioamqp.ChannelClosed:  # NOT_FOUND closes the channel
-        channel = await protocol.channel()
+        channel = await connection.channel()
         await channel.exchange_declare(names.BEACON_EXCHANGE, "direct", durable=False)
         return channel
 

@@ -1,7 +1,8 @@
 """Queue names, queue arguments and state keys, derived in one place.
 
 RabbitMQ refuses to re-declare a queue with other arguments (PRECONDITION_FAILED),
-so the arguments here are exactly those of SPEC §3 and never change.
+so the arguments here are exactly those of SPEC §3 and never change; quorum queues
+(`amqp.queue_type: quorum`) add theirs under names of their own (settings.QUORUM_SUFFIX).
 """
 
 import string
@@ -30,7 +31,7 @@ def error_queue(queue: str) -> str:
 def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:
     """Queue name -> declaration arguments for the main, delay and error queues."""
     queue, exchange = settings.queue, settings.exchange
-    return {
+    queues: dict[str, dict[str, Any]] = {
         queue: {
             "x-dead-letter-exchange": exchange,
             "x-dead-letter-routing-key": error_queue(queue),
@@ -41,6 +42,22 @@ def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:
             "x-message-ttl": settings.delayed_ttl_ms,
         },
         error_queue(queue): {"x-message-ttl": settings.errored_ttl_ms},
+    }
+    if settings.queue_type == "quorum":
+        return {name: {**arguments, **_quorum_arguments(arguments)} for name, arguments in queues.items()}
+    return queues
+
+
+def _quorum_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Replicated queues (SPEC §14). A queue that dead-letters does so at-least-once: a
+    message leaves only once the target queue confirmed its copy (RabbitMQ 3.10+ accepts
+    that strategy only with reject-publish overflow)."""
+    if "x-dead-letter-exchange" not in arguments:
+        return {"x-queue-type": "quorum"}
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
     }
 
 

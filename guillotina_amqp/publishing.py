@@ -1,12 +1,12 @@
-"""Publishing task messages with publisher confirms, reconnecting when the broker drops us."""
+"""Publishing task messages with publisher confirms, over a connection that reconnects itself."""
 
 import asyncio
 import logging
 import uuid
 from typing import Any
 
-import aioamqp
 from aioamqp.channel import Channel
+from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
@@ -15,12 +15,15 @@ from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
 
+#: seconds before the first retry of a failed publish; doubled for each next one
+RETRY_PAUSE = 0.5
+
 
 class Publisher:
     """A connection and a confirm-mode channel that publish persistent messages.
 
-    `publish` returns only once RabbitMQ confirmed the message; a closed
-    connection or channel is replaced and the publish tried again.
+    `publish` returns only once RabbitMQ confirmed the message; a closed channel is
+    replaced (once the connection is back, if it was lost) and the publish tried again.
     """
 
     def __init__(self, settings: AMQPSettings, connection: AMQPConnection | None = None) -> None:
@@ -30,28 +33,33 @@ class Publisher:
         self._channel: Channel | None = None
         self._lock = asyncio.Lock()
         self._returned: set[str] = set()
+        if connection is not None:
+            connection.on_reconnected(self._forget_channel)
 
     async def _ready_channel(self) -> Channel:
-        if self._channel is not None and self._channel.is_open and self._connection_open():
+        if self._channel is not None and self._channel.is_open:
             return self._channel
         async with self._lock:
-            if self._channel is None or not self._channel.is_open or not self._connection_open():
-                if not self._owns_connection and not self._connection_open():
-                    raise aioamqp.AmqpClosedConnection()  # its owner (the worker) reconnects it
-                if self._owns_connection and not self._connection_open():
-                    if self.connection is not None:
-                        await self.connection.close()
-                    self.connection = AMQPConnection(
-                        self.settings, name=f"guillotina_amqp publisher ({self.settings.queue})"
-                    )
-                    await self.connection.open(max_time=10)
-                assert self.connection is not None
-                self._channel = await self.connection.channel(confirm=True)
+            if self._channel is None or not self._channel.is_open:
+                connection = await self._open_connection()
+                self._channel = await connection.channel(confirm=True)
                 self._channel.return_callback = self._on_return
         return self._channel
 
-    def _connection_open(self) -> bool:
-        return self.connection is not None and self.connection.is_open
+    async def _open_connection(self) -> AMQPConnection:
+        """Our connection, opened on first use; it reconnects itself, we wait for it."""
+        if self.connection is None:
+            connection = AMQPConnection(
+                self.settings, name=f"guillotina_amqp publisher ({self.settings.queue})"
+            )
+            await connection.open(max_time=10)
+            connection.on_reconnected(self._forget_channel)
+            self.connection = connection
+        await self.connection.wait_open()
+        return self.connection
+
+    async def _forget_channel(self) -> None:
+        self._channel = None  # it died with the old connection
 
     async def connect(self) -> AMQPConnection:
         """The publisher's connection, opened (with the queues declared) if it was not."""
@@ -65,9 +73,10 @@ class Publisher:
         """Publish `body` persistently to the exchange; return once RabbitMQ confirmed it.
 
         A closed connection or channel is replaced and the publish tried again, up to
-        `retries` times. A message the broker confirms but cannot route (its queue was
-        deleted since we declared it) would be lost: the queues are declared again and
-        the message published once more, else MessageNotRouted.
+        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
+        A message the broker confirms but cannot route (its queue was deleted since we
+        declared it) would be lost: the queues are declared again and the message
+        published once more, else MessageNotRouted.
         """
         properties = self._properties(body, headers)
         redeclared = False
@@ -78,12 +87,18 @@ class Publisher:
                 await channel.publish(
                     body, self.settings.exchange, routing_key, properties=properties, mandatory=True
                 )
-            except CONNECTION_ERRORS as exc:
-                self._channel = None
+            except (*CONNECTION_ERRORS, PublishFailed) as exc:
+                if not isinstance(exc, PublishFailed):  # a nack leaves the channel open
+                    self._channel = None
                 if attempt >= retries:
                     raise
                 attempt += 1
-                logger.warning("Publish to %s failed (%r); retrying over a new channel", routing_key, exc)
+                logger.warning(
+                    "Publish to %s failed (%r); retrying (%s of %s)", routing_key, exc, attempt, retries
+                )
+                # time for a lost connection to be noticed and replaced, or for a quorum
+                # queue to elect a new leader (it refuses publishes meanwhile)
+                await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
                 continue
             if properties["message_id"] not in self._returned:
                 return
@@ -116,6 +131,7 @@ class Publisher:
     async def close(self) -> None:
         if self._owns_connection and self.connection is not None:
             await self.connection.close()
+            self.connection = None
         self._channel = None
 
 

@@ -9,6 +9,7 @@ guillotina takes from the environment (`G_AMQP__MAX_TASK_RETRIES=3`) or from
 
 import collections.abc
 import copy
+import dataclasses
 import json
 import os
 import types
@@ -24,6 +25,11 @@ from guillotina_amqp.exceptions import AMQPConfigurationNotFoundError, InvalidSe
 TOP_LEVEL = "top_level"
 #: field metadata: an empty string is refused (an empty signing key would sign with "")
 NON_EMPTY = "non_empty"
+
+#: queue types `amqp.queue_type` accepts
+QUEUE_TYPES = ("classic", "quorum")
+#: quorum queues get names of their own: RabbitMQ refuses to re-declare a queue with other arguments
+QUORUM_SUFFIX = "-quorum"
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,18 @@ class AMQPSettings:
     # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000
+    # beyond one machine (SPEC §14)
+    hosts: tuple[str, ...] = ()
+    queue_type: str = "classic"
     # top level of the configuration, not in the block
     redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The brokers to connect to, in order: `hosts` ("host:port", the port defaulting to
+        `port`) or else `host`:`port`."""
+        if not self.hosts:
+            return [(self.host, self.port)]
+        return [_address(entry, self.port) for entry in self.hosts]
 
 
 def _plain(value: Any) -> Any:
@@ -125,7 +141,26 @@ def parse(block: Mapping[str, Any], prefix: Any = AMQPSettings.redis_prefix_key)
             values[f.name] = _read_setting(f, prefix, (f.name,))
         else:
             values[f.name] = _read_setting(f, block.get(f.name, f.default), ("amqp", f.name))
-    return AMQPSettings(**values)
+    return _checked(AMQPSettings(**values))
+
+
+def _checked(settings: AMQPSettings) -> AMQPSettings:
+    """What types alone cannot say: valid hosts, a known queue type (quorum queues have names of
+    their own: RabbitMQ refuses to re-declare a queue with other arguments)."""
+    for entry in settings.hosts:
+        _address(entry, settings.port)  # raises on a bad entry
+    if settings.queue_type not in QUEUE_TYPES:
+        raise InvalidSettings(f"amqp.queue_type must be one of {QUEUE_TYPES}, not {settings.queue_type!r}")
+    if settings.queue_type == "quorum":
+        return dataclasses.replace(settings, queue=settings.queue + QUORUM_SUFFIX)
+    return settings
+
+
+def _address(entry: str, default_port: int) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", str(default_port))
+    if not host or not port.isdigit():
+        raise InvalidSettings(f'amqp.hosts: {entry!r} is not "host:port"')
+    return host, int(port)
 
 
 def _read_setting(f: Any, value: Any, path: tuple[str, ...]) -> Any:

@@ -125,9 +125,10 @@ class Worker:
         self._idle.set()
         self.connection = AMQPConnection(self.settings, name=self.connection_name)
         await self.connection.open()
-        await self._consume()
+        self.publisher = Publisher(self.settings, self.connection)
+        # the connection consumes again whenever it, our channel or our consumer is lost
+        await self.connection.keep(self._consume)
         self._background.append(asyncio.create_task(self._status_loop()))
-        self._background.append(asyncio.create_task(self._reconnect_loop()))
         self._start_liveness()
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
@@ -164,15 +165,21 @@ class Worker:
         headers = {liveness.PROBE_HEADER: "1"}
         await self.publisher.publish(body, self.settings.queue, retries=0, headers=headers)
 
-    async def _consume(self) -> None:
+    async def _consume(self) -> dict[str, asyncio.Event]:
+        """Consume on a new channel; return the events that tell it was lost.
+
+        A channel can close while its connection stays open (a failed ack, RabbitMQ's
+        consumer_timeout on a long task) and a consumer can be cancelled alone (its queue
+        was deleted). The old channel keeps the deliveries still running; they settle on it.
+        """
         assert self.connection is not None
         self._channel = await self.connection.channel()
         await self._channel.basic_qos(prefetch_count=self.max_size)
-        self.publisher = Publisher(self.settings, self.connection)
         self._consumer_cancelled = asyncio.Event()
         self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         result = await self._channel.basic_consume(self._on_message, queue_name=self.settings.queue)
         self._consumer_tag = result["consumer_tag"]
+        return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
 
     async def _on_consumer_cancelled(self, channel: Channel, consumer_tag: str) -> None:
         # the broker cancels a consumer whose queue was deleted; the channel stays open
@@ -228,6 +235,8 @@ class Worker:
             await self.connection.close()
 
     async def _stop_consuming(self) -> None:
+        if self.connection is not None:
+            self.connection.forget(self._consume)
         if self._channel is not None and self._consumer_tag and self._channel.is_open:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await self._channel.basic_cancel(self._consumer_tag)
@@ -466,59 +475,6 @@ class Worker:
                 logger.info("%s canceled while running", job.label)
                 job.cancel_requested = True
                 task.cancel()
-
-    async def _reconnect_loop(self) -> None:
-        """Consume again whenever the broker drops our connection, our channel or our consumer.
-
-        A channel can close while its connection stays open (a failed ack, RabbitMQ's
-        consumer_timeout on a long task) and a consumer can be cancelled alone (its queue
-        was deleted): watching only the connection would leave the worker silently idle.
-        """
-        while not self._stopping:
-            lost = await self._wait_for_loss()
-            if self._stopping:
-                return
-            logger.warning("Worker %s lost its RabbitMQ %s; consuming again", self.worker_id, lost)
-            await self._resume()
-            logger.info("Worker %s reconnected and consuming %s", self.worker_id, self.settings.queue)
-
-    async def _wait_for_loss(self) -> str:
-        """Wait until the connection, the channel or the consumer is gone; say which."""
-        assert self.connection is not None and self.connection.protocol is not None
-        assert self._channel is not None
-        waits = [
-            asyncio.ensure_future(self.connection.protocol.connection_closed.wait()),
-            asyncio.ensure_future(self._channel.close_event.wait()),
-            asyncio.ensure_future(self._consumer_cancelled.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        # a closing connection closes its channels first: judge by the connection
-        if not self.connection.is_open:
-            return "connection"
-        return "channel" if not self._channel.is_open else "consumer"
-
-    async def _resume(self) -> None:
-        """Reconnect if needed, declare the queues again (they may be gone) and consume."""
-        assert self.connection is not None
-        pause = 1.0
-        while not self._stopping:
-            try:
-                if not self.connection.is_open:
-                    await self.connection.close()
-                    await self.connection.open()  # declares the topology
-                else:
-                    await self.connection.declare_topology()
-                # the old channel keeps the deliveries still running; they settle on it
-                await self._consume()
-                return
-            except CONNECTION_ERRORS as exc:
-                logger.warning("Worker %s could not consume again (%r); retrying", self.worker_id, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 30)
 
     # -- names kept from the original plugin ---------------------------------
     # Thin aliases for applications and tests written against the original; nothing

@@ -47,6 +47,15 @@ def _empty_signing_key(config: dict) -> None:
     config["amqp"]["signing_key"] = ""
 
 
+def _unknown_queue_type(config: dict) -> None:
+    config["amqp"]["queue_type"] = "stream"
+
+
+def _sentinels_as_string(config: dict) -> None:
+    config["amqp"]["persistent_manager"] = "redis"
+    config["redis"]["sentinels"] = "127.0.0.1:26379"
+
+
 CASES: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "unknown-manager": (_unknown_manager, ["amqp.persistent_manager", "nosuch"]),
     "redis-app-missing": (_redis_app_missing, ["amqp.persistent_manager", "guillotina.contrib.redis"]),
@@ -55,6 +64,8 @@ CASES: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "previous-keys-string": (_previous_keys_as_string, ["amqp.previous_signing_keys"]),
     "allowed-tasks-string": (_allowed_tasks_as_string, ["amqp.allowed_tasks"]),
     "empty-signing-key": (_empty_signing_key, ["amqp.signing_key"]),
+    "unknown-queue-type": (_unknown_queue_type, ["amqp.queue_type", "stream"]),
+    "sentinels-string": (_sentinels_as_string, ["redis.sentinels"]),
 }
 
 

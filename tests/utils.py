@@ -13,7 +13,7 @@ from guillotina.component import query_utility
 from guillotina_amqp import names, publishing
 from guillotina_amqp.connection import AMQPConnection
 from guillotina_amqp.interfaces import IStateManagerUtility
-from guillotina_amqp.settings import get_settings
+from guillotina_amqp.settings import QUORUM_SUFFIX, get_settings
 from guillotina_amqp.worker import Worker
 
 
@@ -101,8 +101,9 @@ async def _delete_queues(namespace: str) -> None:
     try:
         channel = await protocol.channel()
         queue = f"test-{namespace}"
-        for name in (queue, names.delay_queue(queue), names.error_queue(queue)):
-            await channel.queue_delete(name)
+        for main in (queue, queue + QUORUM_SUFFIX):
+            for name in (main, names.delay_queue(main), names.error_queue(main)):
+                await channel.queue_delete(name)
         await channel.exchange_delete(queue)
     finally:
         await protocol.close()

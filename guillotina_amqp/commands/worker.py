@@ -9,9 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from guillotina import app_settings
 from guillotina.commands import Command
-from redis.asyncio import Redis
 
 from guillotina_amqp import metrics
 from guillotina_amqp.connection import CONNECTION_ERRORS
@@ -25,6 +23,7 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
     LoopWatchdog,
 )
 from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
+from guillotina_amqp.state import redis_client
 from guillotina_amqp.worker import Worker
 
 logger = logging.getLogger("guillotina_amqp")
@@ -167,22 +166,19 @@ async def _check_state_store(settings: AMQPSettings) -> None:
     """Fail at start, naming the setting to fix, rather than on every message."""
     if settings.persistent_manager != "redis":
         return
-    from guillotina.contrib import redis as contrib_redis
+    if not redis_client.uses_sentinel():
+        from guillotina.contrib import redis as contrib_redis
 
-    if contrib_redis._driver is None:
-        raise StateManagerUnavailable(
-            "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications"
-        )
+        if contrib_redis._driver is None:
+            raise StateManagerUnavailable(
+                "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications"
+            )
     # ping directly: guillotina's redis driver retries forever, logging a traceback a second
-    conf = app_settings.get("redis") or {}
-    client = Redis(host=conf.get("host"), port=conf.get("port"), socket_connect_timeout=10)
+    client = redis_client.probe_client(timeout=10)
     try:
         await client.ping()
     except Exception as exc:
-        address = f"{conf.get('host')}:{conf.get('port')}"
-        raise StateManagerUnavailable(
-            f"cannot reach Redis at {address} (redis.host/redis.port): {exc}"
-        ) from None
+        raise StateManagerUnavailable(f"cannot reach Redis, {redis_client.where()}: {exc}") from None
     finally:
         await client.aclose()
 

@@ -26,15 +26,11 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guillotina_amqp import names
-from guillotina_amqp.exceptions import (
-    StateManagerUnavailable,
-    TaskAccessUnauthorized,
-    TaskAlreadyAcquired,
-    TaskStateUnusable,
-)
+from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired, TaskStateUnusable
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import get_settings
+from guillotina_amqp.state import redis_client
 from guillotina_amqp.state.manager import (
     CLAIMED,
     Claim,
@@ -401,15 +397,7 @@ class RedisStateManager(StateManager):
 
     async def client(self) -> Redis:
         if self._client is None:
-            from guillotina.contrib import redis as contrib_redis
-
-            if contrib_redis._driver is None:
-                raise StateManagerUnavailable(
-                    "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications "
-                    "(and its 'redis' settings block)"
-                )
-            driver = await contrib_redis.get_driver()
-            self._client = driver.pool
+            self._client = await redis_client.shared_client()
             for name, source in SCRIPTS.items():
                 self._scripts[name] = self._client.register_script(source)
         return self._client
@@ -540,6 +528,9 @@ class RedisStateManager(StateManager):
         if self._notifier is not None:
             await self._notifier.close()
             self._notifier = None
+        if self._client is not None and redis_client.uses_sentinel():
+            await self._client.aclose()  # ours, not guillotina's: made for the Sentinels
+            self._client = None
 
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
