@@ -38,6 +38,18 @@ def new_run() -> str:
     return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
 
 
+#: headers RabbitMQ writes when it dead-letters a message; a forged, malformed one crashes
+#: RabbitMQ 3.10's next dead-lettering of it, so we never pass them on
+_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def forwarded_headers(headers: Any) -> dict[str, Any]:
+    """The headers of a message we publish again (delay, error queue): the broker's death records dropped."""
+    if not isinstance(headers, dict):
+        return {}
+    return {k: v for k, v in headers.items() if isinstance(k, str) and not k.startswith(_DEATH_HEADERS)}
+
+
 def public_url(url: str | None) -> str | None:
     """`url` without credentials in its query string."""
     if not url or "?" not in url:
@@ -198,8 +210,6 @@ def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
     task_id = _task_id(message)
     _check_fields(message, task_id)
     _drop_credentials(message["req_data"])
-    message.setdefault("db_id", None)
-    message.setdefault("container_id", None)
     try:
         orjson.dumps(message)  # what cannot be encoded again could never be stored as job_data
     except TypeError as exc:
@@ -233,6 +243,42 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         raise InvalidMessage("'req_data' is not an object", task_id)
     if not isinstance(message.setdefault("run", ""), str):
         raise InvalidMessage("'run' is not a string", task_id)
+    for name in ("db_id", "container_id"):
+        if not isinstance(message.setdefault(name, None), (str, type(None))):
+            raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
+    _check_request(message["req_data"], task_id)
+
+
+#: req_data's fields and the types the worker can rebuild a request and a user from
+_REQUEST_TYPES: dict[str, tuple[type, ...]] = {
+    "url": (str, type(None)),
+    "method": (str,),
+    "headers": (dict,),
+    "annotations": (dict,),
+    "container_url": (str, type(None)),
+    "user": (dict,),
+}
+_USER_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str, type(None)),
+    "roles": (list,),
+    "groups": (list,),
+    "headers": (dict,),
+    "data": (dict,),
+}
+
+
+def _check_request(req_data: dict, task_id: str | None) -> None:
+    for where, block, types in (
+        ("req_data", req_data, _REQUEST_TYPES),
+        ("user", req_data.get("user"), _USER_TYPES),
+    ):
+        for name, allowed in types.items():
+            if isinstance(block, dict) and name in block and not isinstance(block[name], allowed):
+                raise InvalidMessage(f"'{where}.{name}' is not a {allowed[0].__name__}", task_id)
+    user = req_data.get("user") or {}
+    for name in ("roles", "groups"):
+        if not all(isinstance(item, str) for item in user.get(name) or ()):
+            raise InvalidMessage(f"'user.{name}' holds something other than names", task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:

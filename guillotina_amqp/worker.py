@@ -408,33 +408,37 @@ class Worker:
         return Disposition(Action.DEAD_LETTER, label)
 
     async def _dispose(self, delivery: Delivery, disposition: Disposition) -> None:
-        """The one place that acks, nacks or delays a message."""
+        """The one place that acks, moves or leaves a message."""
         action, label = disposition.action, disposition.label
         if action is Action.ACK:
             await self._ack(delivery, label)
         elif action is Action.DEAD_LETTER:
-            await self._nack(delivery, label)
+            await self._move(delivery, names.error_queue(self.settings.queue), label)
         elif action is Action.DELAY:
-            await self._delay(delivery, label, disposition.counter)
+            await self._move(delivery, names.delay_queue(self.settings.queue), label, disposition.counter)
 
-    async def _delay(self, delivery: Delivery, label: str, counter: str | None) -> None:
-        """Republish to the delay queue (confirmed), counting why in a header, then ack the original."""
+    async def _move(self, delivery: Delivery, queue: str, label: str, counter: str | None = None) -> None:
+        """Republish to `queue` (confirmed), counting why in a header, then ack the original.
+
+        Dead letters are moved this way too, not nacked into the main queue's dead-letter
+        exchange: RabbitMQ 3.10's dead-lettering crashes the queue process on a malformed
+        `x-death` header, which any publisher can set. What we republish carries no
+        broker-made death headers at all, so no queue ever reads a stranger's.
+        """
         assert self.publisher is not None
         if not delivery.channel.is_open:
-            # the broker already requeued the original: a delayed copy would make it run twice
+            # the broker already requeued the original: a copy would make it run twice
             logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
-        headers = dict(delivery.headers or {})
+        headers = messages.forwarded_headers(delivery.headers)
         if counter is not None:
-            headers[counter] = _count(headers, counter) + 1
+            headers[counter] = _count(delivery.headers, counter) + 1
         try:
-            await self.publisher.publish(
-                delivery.body, names.delay_queue(self.settings.queue), retries=1, headers=headers
-            )
+            await self.publisher.publish(delivery.body, queue, retries=1, headers=headers)
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back
             # to the main queue instead (after a pause, not to spin while the broker struggles)
-            logger.exception("%s: could not publish to the delay queue; requeueing it", label)
+            logger.exception("%s: could not publish to %s; requeueing it", label, queue)
             await asyncio.sleep(REQUEUE_PAUSE)
             await self._nack(delivery, label, requeue=True)
             return
@@ -447,7 +451,6 @@ class Worker:
             logger.warning("%s: ack lost with the channel; the broker will redeliver it", label)
 
     async def _nack(self, delivery: Delivery, label: str, requeue: bool = False) -> None:
-        """Without requeue the main queue dead-letters the message into the error queue."""
         try:
             await delivery.channel.basic_client_nack(delivery.envelope.delivery_tag, requeue=requeue)
         except CONNECTION_ERRORS:

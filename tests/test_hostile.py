@@ -235,3 +235,38 @@ async def test_a_refused_replay_never_changes_an_ended_run(worker, caplog):
     await publish_raw(orjson.dumps(replay))
     await refused(1, caplog, final["job_data"]["task_id"])
     assert await get_state_manager().get(final["job_data"]["task_id"]) == final
+
+
+# -- RabbitMQ's own dead-lettering never reads a forged death record -------------------------
+
+FORGED_DEATH = {"x-death": [False, {"count": "many"}], "x-first-death-queue": 7}
+
+
+@pytest.mark.parametrize(
+    "func, args",
+    [("tests.app.no_such_function", []), ("tests.app.fail", ["boom"])],
+    ids=["refused", "retried"],
+)
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 1}})
+async def test_a_forged_death_header_crashes_no_queue(worker, caplog, func, args):
+    """RabbitMQ 3.10 crashes a queue that dead-letters a message whose x-death is malformed."""
+    message = task_message(func, *args)
+    await publish_raw(orjson.dumps(message), FORGED_DEATH)
+    await wait_for(lambda: _errors_are(1), timeout=60, what="the message in the error queue")
+    for _ in range(3):  # the main and delay queues still carry tasks
+        await still_serving()
+    dead = await _error_queue_message()
+    assert not any(name.startswith(("x-death", "x-first-death")) for name in dead["properties"].headers or {})
+
+
+async def _error_queue_message() -> dict:
+    from guillotina_amqp.connection import AMQPConnection
+
+    settings = get_settings()
+    connection = AMQPConnection(settings)
+    await connection.open(max_time=10)
+    try:
+        channel = await connection.channel()
+        return await channel.basic_get(names.error_queue(settings.queue), no_ack=True)
+    finally:
+        await connection.close()
