@@ -17,20 +17,18 @@ from tests.utils import (
     BOTH_MANAGERS,
     REDIS_ONLY,
     all_empty,
+    error_queue_count,
     lines,
     logged,
     publish_raw,
     queue_counts,
     redis_client,
     running_worker,
+    take_dead_letter,
     wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
-
-
-async def error_queue_count() -> int:
-    return (await queue_counts())[names.error_queue(get_settings().queue)]
 
 
 # -- runs -----------------------------------------------------------------------------
@@ -213,23 +211,9 @@ async def test_a_state_write_refused_after_the_run_is_retried_within_the_budget(
     await wait_for(error_queue_count, timeout=90, what="the message in the error queue")
 
     assert lines(marker) == ["ran"] * 3  # the run and two retries: the budget, not for ever
-    dead = await _first_dead_letter()
-    assert dead.properties.headers["x-guillotina-amqp-failures"] == 2
+    dead = await take_dead_letter()
+    assert dead["properties"].headers["x-guillotina-amqp-failures"] == 2
     assert (await queue_counts())[names.delay_queue(get_settings().queue)] == 0
-
-
-async def _first_dead_letter():
-    from guillotina_amqp.connection import AMQPConnection
-
-    settings = get_settings()
-    connection = AMQPConnection(settings)
-    await connection.open(max_time=10)
-    try:
-        channel = await connection.channel()
-        got = await channel.basic_get(names.error_queue(settings.queue), no_ack=True)
-        return type("DeadLetter", (), {"properties": got["properties"], "body": got["message"]})
-    finally:
-        await connection.close()
 
 
 # -- live states never expire ---------------------------------------------------------

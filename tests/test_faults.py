@@ -20,7 +20,7 @@ from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
 from tests.own_redis import OWN_REDIS
-from tests.utils import lines, logged, publish_raw, queue_counts, running_worker, wait_for
+from tests.utils import admin_channel, lines, logged, publish_raw, queue_counts, running_worker, wait_for
 
 pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 
@@ -139,14 +139,9 @@ async def test_worker_declares_its_queues_again_when_they_are_deleted(worker, ca
 async def delete_queues() -> None:
     """Delete the main, delay and error queues, as an operator could."""
     settings = get_settings()
-    admin = AMQPConnection(settings)
-    await admin.open(max_time=10)
-    try:
-        channel = await admin.channel()
+    async with admin_channel() as channel:
         for queue in (settings.queue, f"{settings.queue}-delay", f"{settings.queue}-error"):
             await channel.queue_delete(queue)
-    finally:
-        await admin.close()
 
 
 # -- publishing: confirms, reconnects, retries ---------------------------------------

@@ -171,7 +171,7 @@ async def _only_own_ids_touched(ids: set) -> None:
             owner = name.split(":", 1)[1] if name.startswith(("lock:", "eventlog:")) else name
             assert is_valid_task_id(owner) and owner in ids, name
             assert kind == (
-                "list" if name.startswith("eventlog:") else "string" if ":" in name[:5] else "hash"
+                "list" if name.startswith("eventlog:") else "string" if name.startswith("lock:") else "hash"
             )
     finally:
         await client.aclose()

@@ -20,20 +20,18 @@ from tests.test_security import task_message
 from tests.utils import (
     BOTH_MANAGERS,
     all_empty,
+    error_queue_count,
     lines,
     logged,
     publish_raw,
     queue_counts,
     redis_client,
+    take_dead_letter,
     wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 KEY = "hostile-test-signing-key"
-
-
-async def error_queue_count() -> int:
-    return (await queue_counts())[names.error_queue(get_settings().queue)]
 
 
 async def refused(count: int, caplog, *words: str) -> None:
@@ -255,18 +253,5 @@ async def test_a_forged_death_header_crashes_no_queue(worker, caplog, func, args
     await wait_for(lambda: _errors_are(1), timeout=60, what="the message in the error queue")
     for _ in range(3):  # the main and delay queues still carry tasks
         await still_serving()
-    dead = await _error_queue_message()
+    dead = await take_dead_letter()
     assert not any(name.startswith(("x-death", "x-first-death")) for name in dead["properties"].headers or {})
-
-
-async def _error_queue_message() -> dict:
-    from guillotina_amqp.connection import AMQPConnection
-
-    settings = get_settings()
-    connection = AMQPConnection(settings)
-    await connection.open(max_time=10)
-    try:
-        channel = await connection.channel()
-        return await channel.basic_get(names.error_queue(settings.queue), no_ack=True)
-    finally:
-        await connection.close()

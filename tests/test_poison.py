@@ -9,7 +9,7 @@ import pytest
 from guillotina_amqp import add_task
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
-from tests.utils import publish_raw, queue_counts, wait_for
+from tests.utils import error_queue_count, publish_raw, queue_counts, wait_for
 
 TASK_ID = "poison-" + str(uuid.uuid4())
 
@@ -34,10 +34,6 @@ pytestmark = pytest.mark.usefixtures("outside_container", "info_logs")
 
 def encoded(body) -> bytes:
     return body if isinstance(body, bytes) else orjson.dumps(body)
-
-
-async def error_queue_count() -> int:
-    return list((await queue_counts()).values())[2]
 
 
 @pytest.mark.parametrize("case", POISON)

@@ -30,7 +30,7 @@ from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from guillotina_amqp.state.manager import initial_state, is_valid_task_id
 from tests import app
-from tests.utils import publish_raw, queue_counts, wait_for
+from tests.utils import error_queue_count, publish_raw, queue_counts, wait_for
 
 FORBIDDEN_MODULE = "tests.forbidden_module"
 IMPORTED_FLAG = "GUILLOTINA_AMQP_FORBIDDEN_MODULE_IMPORTED"  # set by importing it; never import it here
@@ -58,10 +58,6 @@ async def publish(message: dict, body: bytes | None = None, headers: dict | None
     await get_state_manager().create(message["task_id"], initial_state())
     await publish_raw(body if body is not None else orjson.dumps(message), headers)
     return message["task_id"]
-
-
-async def error_queue_count() -> int:
-    return (await queue_counts())[names.error_queue(get_settings().queue)]
 
 
 async def wait_error_queue(count: int = 1) -> None:

@@ -31,35 +31,45 @@ async def wait_for(condition: Callable[[], Awaitable[Any] | Any], timeout: float
         await asyncio.sleep(0.05)
 
 
-async def queue_counts() -> dict[str, int]:
-    """Messages ready in the main, delay and error queues of this test."""
-    settings = get_settings()
-    connection = AMQPConnection(settings)
+@contextlib.asynccontextmanager
+async def admin_channel(confirm: bool = False):
+    """A channel on a connection of its own to this test's broker, closed afterwards."""
+    connection = AMQPConnection(get_settings())
     await connection.open(max_time=10)
     try:
-        channel = await connection.channel()
-        counts = {}
-        for queue in names.topology(settings):
-            found = await channel.queue_declare(queue, passive=True)
-            counts[queue] = found["message_count"]
-        return counts
+        yield await connection.channel(confirm=confirm)
     finally:
         await connection.close()
+
+
+async def queue_counts() -> dict[str, int]:
+    """Messages ready in the main, delay and error queues of this test."""
+    counts = {}
+    async with admin_channel() as channel:
+        for queue in names.topology(get_settings()):
+            found = await channel.queue_declare(queue, passive=True)
+            counts[queue] = found["message_count"]
+    return counts
+
+
+async def error_queue_count() -> int:
+    return (await queue_counts())[names.error_queue(get_settings().queue)]
+
+
+async def take_dead_letter() -> dict:
+    """The first message of the error queue, taken off it (aioamqp's basic_get answer)."""
+    async with admin_channel() as channel:
+        return await channel.basic_get(names.error_queue(get_settings().queue), no_ack=True)
 
 
 async def publish_raw(body: bytes, headers: dict | None = None, routing_key: str | None = None) -> None:
     """Publish bytes straight to the task queue, as a third party could."""
     settings = get_settings()
-    connection = AMQPConnection(settings)
-    await connection.open(max_time=10)
-    try:
-        channel = await connection.channel(confirm=True)
-        properties: dict[str, Any] = {"delivery_mode": 2}
-        if headers:
-            properties["headers"] = headers
+    properties: dict[str, Any] = {"delivery_mode": 2}
+    if headers:
+        properties["headers"] = headers
+    async with admin_channel(confirm=True) as channel:
         await channel.publish(body, settings.exchange, routing_key or settings.queue, properties=properties)
-    finally:
-        await connection.close()
 
 
 @contextlib.asynccontextmanager
