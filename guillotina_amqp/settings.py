@@ -63,6 +63,11 @@ class AMQPSettings:
     # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000
+    # task control (SPEC §11)
+    task_timeout: float | None = None
+    retry_backoff: bool = False
+    retry_backoff_max_ms: int = 3600000
+    eager: bool = False
     # top level of the configuration, not in the block
     redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})
 

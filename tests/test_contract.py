@@ -46,6 +46,11 @@ SPEC_DEFAULTS = {
     # ours (limits on hostile input, issue 16)
     "max_message_bytes": 1048576,
     "max_eventlog": 1000,
+    # ours (task control, SPEC §11)
+    "task_timeout": None,
+    "retry_backoff": False,
+    "retry_backoff_max_ms": 3600000,
+    "eager": False,
 }
 
 #: TTLs that differ from both the defaults and conftest's, to see them reach the queue arguments.
