@@ -115,7 +115,7 @@ class Job:
     @property
     def dotted_name(self) -> str:
         """The function's name as metrics and logs show it."""
-        return task_name(self.data["func"], self.data["args"])
+        return task_name(self.data["func"], self.data.get("args") or ())
 
     #: the original plugin's name for dotted_name
     function_name = dotted_name

@@ -370,8 +370,7 @@ class Worker:
         """A failed run (or a task's Retry): delayed for its next run, or errored for good."""
         failed = {"status": TaskStatus.ERRORED, "error": job.error}
         what = {"exception": job.exception, "error": job.error}
-        limit = job.max_retries if job.max_retries is not None else self.max_task_retries
-        if outcome is Outcome.FAILED or self._exhausted(job.retries, limit):
+        if outcome is Outcome.FAILED or self._exhausted(job.retries, job.max_retries):
             await self._record(job, {**failed, "job_retries": job.retries}, final=True)
             await self._notify(events.TaskErroredEvent, job, **what)
             why = "failed for good" if outcome is Outcome.FAILED else f"failed {job.retries + 1} times"
@@ -398,6 +397,7 @@ class Worker:
         await events.notify(kind(job.task_id, job.dotted_name, **details))
 
     def _exhausted(self, retries: int, limit: int | None = None) -> bool:
+        """Whether `retries` reached `limit` (the task's own), else the worker's max_task_retries."""
         limit = self.max_task_retries if limit is None else limit
         return limit is not None and retries >= limit
 
