@@ -76,8 +76,12 @@ class TaskCanceledEvent(TaskEvent):
 async def notify(event: TaskEvent) -> None:
     """Tell `event` to its subscribers in priority order, as guillotina.event.notify does,
     but one at a time: a failing subscriber is logged and the next one still runs."""
-    registry: Any = get_component_registry()
-    handlers = registry.adapters.subscriptions([providedBy(event)], None)
+    try:
+        registry: Any = get_component_registry()
+        handlers = registry.adapters.subscriptions([providedBy(event)], None)
+    except Exception:  # no component registry (not a Guillotina process): nobody to tell
+        logger.exception("Task %s: cannot look up the subscribers of %s", event.task_id, type(event).__name__)
+        return
     for handler in sorted(handlers, key=lambda h: getattr(h, "priority", 100)):
         try:
             result = handler(event)
