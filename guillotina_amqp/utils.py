@@ -96,10 +96,10 @@ async def add_task(
     `_timeout` that is not a positive number or a `_max_retries` below 0. Nothing
     is published then.
     """
+    options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
         return None
-    options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
     config = settings.get_settings()
     request = _request if _request is not None else task_vars.request.get()
     container, db = task_vars.container.get(), task_vars.db.get()
