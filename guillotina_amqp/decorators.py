@@ -9,20 +9,25 @@ from guillotina.transactions import get_transaction
 from guillotina.utils import execute
 from zope.interface import implementer
 
-from guillotina_amqp import registry
+from guillotina_amqp import control, registry
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.state import TaskState
 
 
 @implementer(ITaskDefinition)
 class TaskDefinition:
-    """A registered task: `await definition(...)` schedules `func(...)` and returns its TaskState."""
+    """A registered task: `await definition(...)` schedules `func(...)` and returns its TaskState.
+
+    `options` (`timeout`, `max_retries`) apply to every call unless the call gives its
+    own (`_timeout=`, `_max_retries=`); ValueError naming an unknown or bad option.
+    """
 
     object_task = False
 
-    def __init__(self, func: Callable[..., Any], retries: int = 3) -> None:
+    def __init__(self, func: Callable[..., Any], retries: int = 3, **options: Any) -> None:
         self.func = func
         self.retries = retries
+        self.options = control.check_options(options)
         functools.update_wrapper(self, func)
         registry.register(func)
 
@@ -37,6 +42,8 @@ class TaskDefinition:
         from guillotina_amqp.utils import add_object_task, add_task
 
         kwargs.setdefault("_retries", self.retries)
+        for name, value in self.options.items():
+            kwargs.setdefault(f"_{name}", value)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
         return await add_task(self.func, *args, **kwargs)
@@ -81,15 +88,17 @@ def _current_transaction() -> Any:
 
 
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(func: Callable[..., Any] | None = None, retries: int = 3) -> Any:
+    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, **options: Any) -> Any:
+        control.check_options(options)  # at decoration, even before a function is given
         if func is None:
-            return lambda f: kind(f, retries=retries)
-        return kind(func, retries=retries)
+            return lambda f: kind(f, retries=retries, **options)
+        return kind(func, retries=retries, **options)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5)` or `task(func, retries=3)`.
+#: `@task`, `@task(retries=5, timeout=30, max_retries=2)` or `task(func, retries=3)`;
+#: `retries` is how often publishing is tried again, `max_retries` how often a failed run is.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

@@ -13,6 +13,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
+from guillotina_amqp import control
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -24,6 +25,8 @@ _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
+#: Per-task options (SPEC §11), present only when the task or the call set them.
+FIELDS |= frozenset(control.OPTIONS)
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -246,6 +249,11 @@ def _check_fields(message: dict, task_id: str | None) -> None:
     for name in ("db_id", "container_id"):
         if not isinstance(message.setdefault(name, None), (str, type(None))):
             raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
+    for name, check in control.OPTIONS.items():
+        try:
+            check(message.get(name), f"'{name}'")
+        except ValueError as exc:
+            raise InvalidMessage(str(exc), task_id) from None
     _check_request(message["req_data"], task_id)
 
 

@@ -14,11 +14,11 @@ from guillotina.interfaces import IRequest
 from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
-from guillotina_amqp import context, metrics, registry, settings
+from guillotina_amqp import context, control, eager, events, metrics, registry, settings
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import check_task_id, task_id_prefix
+from guillotina_amqp.names import check_task_id, task_id_prefix, task_name
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
@@ -73,6 +73,8 @@ async def add_task(
     _request: IRequest | None = None,
     _retries: int = 3,
     _task_id: str | None = None,
+    _timeout: float | None = None,
+    _max_retries: int | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -81,14 +83,20 @@ async def add_task(
     once RabbitMQ confirmed it. It runs as the current user, inside the
     current container (if any). `_retries`: how many times publishing is tried
     again over a new connection; `_task_id`: use this id instead of a new one
-    (an id whose earlier run ended runs again, as a new run). Without an `amqp`
-    settings block, logs a warning and returns None.
+    (an id whose earlier run ended runs again, as a new run); `_timeout`: seconds
+    the task may run before it is cancelled and counted as failed (TaskTimeout);
+    `_max_retries`: how often a failed run is retried (both override the task's
+    decorator and the settings). With `amqp.eager` the task runs here and now
+    (SPEC §11), no broker involved. Without an `amqp` settings block, logs a
+    warning and returns None.
 
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
-    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved. Nothing
+    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
+    `_timeout` that is not a positive number or a `_max_retries` below 0. Nothing
     is published then.
     """
+    options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
         return None
@@ -101,6 +109,7 @@ async def add_task(
     run = messages.new_run()
     body = messages.encode(
         {
+            **options,
             "func": _dotted_name(func),
             "args": list(args),
             "kwargs": kwargs,
@@ -112,8 +121,12 @@ async def add_task(
         },
         config,
     )
-    await get_publisher(config).publish(body, config.queue, retries=_retries)
+    if not config.eager:
+        await get_publisher(config).publish(body, config.queue, retries=_retries)
     await get_state_manager().create(task_id, initial_state(run))
+    await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
+    if config.eager:
+        await eager.run(body, config)
     return TaskState(task_id)
 
 
