@@ -13,7 +13,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp import control
+from guillotina_amqp import control, timing
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -27,6 +27,8 @@ REQUIRED_FIELDS = ("func", "task_id")
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
 #: Per-task options (SPEC §11), present only when the task or the call set them.
 FIELDS |= frozenset(control.OPTIONS)
+#: When the task may start (SPEC §12), an epoch second, present only when set.
+FIELDS |= {"eta"}
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -254,6 +256,10 @@ def _check_fields(message: dict, task_id: str | None) -> None:
             check(message.get(name), f"'{name}'")
         except ValueError as exc:
             raise InvalidMessage(str(exc), task_id) from None
+    try:
+        timing.check_eta(message.get("eta"))
+    except ValueError as exc:
+        raise InvalidMessage(str(exc), task_id) from None
     _check_request(message["req_data"], task_id)
 
 

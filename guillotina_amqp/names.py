@@ -51,6 +51,12 @@ def delay_tier_ms(delay_ms: float) -> int:
     return DELAY_TIERS_MS[min(index, len(DELAY_TIERS_MS) - 1)]
 
 
+def delay_tier_floor_ms(delay_ms: float) -> int | None:
+    """The TTL of the longest delay tier not past `delay_ms`; None below the shortest tier."""
+    index = bisect.bisect_right(DELAY_TIERS_MS, delay_ms)
+    return DELAY_TIERS_MS[index - 1] if index else None
+
+
 def delay_tier_queue(queue: str, ttl_ms: int) -> str:
     return f"{queue}-delay-{ttl_ms}ms"
 

@@ -7,6 +7,7 @@ generate_task_id, serialize_request, make_request, metric_measure.
 import inspect
 import logging
 import uuid
+from datetime import datetime
 from typing import Any, AsyncIterator, Callable
 
 from guillotina import task_vars
@@ -14,7 +15,7 @@ from guillotina.interfaces import IRequest
 from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
-from guillotina_amqp import context, control, eager, events, metrics, registry, settings
+from guillotina_amqp import context, control, eager, events, metrics, names, registry, settings, timing
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
@@ -75,6 +76,8 @@ async def add_task(
     _task_id: str | None = None,
     _timeout: float | None = None,
     _max_retries: int | None = None,
+    _countdown: float | None = None,
+    _eta: datetime | float | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -86,8 +89,10 @@ async def add_task(
     (an id whose earlier run ended runs again, as a new run); `_timeout`: seconds
     the task may run before it is cancelled and counted as failed (TaskTimeout);
     `_max_retries`: how often a failed run is retried (both override the task's
-    decorator and the settings). With `amqp.eager` the task runs here and now
-    (SPEC §11), no broker involved. Without an `amqp` settings block, logs a
+    decorator and the settings); `_countdown` (seconds) or `_eta` (a datetime, naive
+    = UTC, or an epoch second): the task does not start before then (it waits in the
+    broker; state `scheduled` with `eta`; a past `_eta` runs now). With `amqp.eager`
+    the task runs here and now (SPEC §11), no broker involved. Without an `amqp` settings block, logs a
     warning and returns None.
 
     ValueError (MessageRefused, also a TypeError) when the arguments are not
@@ -97,6 +102,9 @@ async def add_task(
     is published then.
     """
     options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
+    eta = timing.start_at(_countdown, _eta)
+    if eta is not None:
+        options["eta"] = eta
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
         return None
@@ -122,12 +130,23 @@ async def add_task(
         config,
     )
     if not config.eager:
-        await get_publisher(config).publish(body, config.queue, retries=_retries)
-    await get_state_manager().create(task_id, initial_state(run))
+        await _publish(body, config, timing.wait_ms(eta), _retries)
+    waiting = {"eta": eta} if eta is not None else {}
+    await get_state_manager().create(task_id, initial_state(run) | waiting)
     await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
     if config.eager:
         await eager.run(body, config)
     return TaskState(task_id)
+
+
+async def _publish(body: bytes, config: settings.AMQPSettings, wait_ms: int | None, retries: int) -> None:
+    """To the main queue, or into the delay tier a task waiting for its start sits in."""
+    publisher = get_publisher(config)
+    queue = config.queue
+    if wait_ms is not None:
+        queue, arguments = names.delay_tier(config, wait_ms)
+        await publisher.declare_queue(queue, arguments)
+    await publisher.publish(body, queue, retries=retries)
 
 
 async def add_object_task(

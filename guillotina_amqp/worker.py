@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import control, events, liveness, metrics, names
+from guillotina_amqp import control, events, liveness, metrics, names, timing
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
@@ -289,6 +289,11 @@ class Worker:
             return await self._handle_probe(delivery)
         data = messages.decode(delivery.body, delivery.headers, self.settings)
         job = Job(data, self.settings, self.state_manager)
+        wait = timing.wait_ms(data.get("eta"))
+        if wait is not None:
+            # not its time yet: back into a delay tier, uncounted, without taking a slot
+            return Disposition(Action.DELAY, job.label, delay_ms=wait)
+        await timing.until(data.get("eta"))
         assert self._slots is not None
         async with self._slots:
             try:
