@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from guillotina_amqp import registry
 from guillotina_amqp.interfaces import ITaskDefinition
+from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.state import TaskState
 
 
@@ -20,9 +21,10 @@ class TaskDefinition:
 
     object_task = False
 
-    def __init__(self, func: Callable[..., Any], retries: int = 3) -> None:
+    def __init__(self, func: Callable[..., Any], retries: int = 3, queue: str | None = None) -> None:
         self.func = func
         self.retries = retries
+        self.queue = _checked_queue(queue)
         functools.update_wrapper(self, func)
         registry.register(func)
 
@@ -37,6 +39,7 @@ class TaskDefinition:
         from guillotina_amqp.utils import add_object_task, add_task
 
         kwargs.setdefault("_retries", self.retries)
+        kwargs.setdefault("_queue", self.queue)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
         return await add_task(self.func, *args, **kwargs)
@@ -80,16 +83,23 @@ def _current_transaction() -> Any:
     return txn
 
 
+def _checked_queue(queue: str | None) -> str | None:
+    """A named queue's name, checked when the task is defined rather than at its first call."""
+    if queue not in (None, DEFAULT_QUEUE):
+        check_queue_name(queue)  # ValueError naming the problem
+    return queue
+
+
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(func: Callable[..., Any] | None = None, retries: int = 3) -> Any:
+    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, queue: str | None = None) -> Any:
         if func is None:
-            return lambda f: kind(f, retries=retries)
-        return kind(func, retries=retries)
+            return lambda f: kind(f, retries=retries, queue=queue)
+        return kind(func, retries=retries, queue=queue)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5)` or `task(func, retries=3)`.
+#: `@task`, `@task(retries=5)`, `@task(queue="reports")` or `task(func, retries=3)`.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

@@ -23,7 +23,7 @@ _SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
 _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
-FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
+FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"})
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -233,6 +233,8 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         raise InvalidMessage("'req_data' is not an object", task_id)
     if not isinstance(message.setdefault("run", ""), str):
         raise InvalidMessage("'run' is not a string", task_id)
+    if not isinstance(message.get("queue", ""), str):
+        raise InvalidMessage("'queue' is not a string", task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:

@@ -27,9 +27,10 @@ def error_queue(queue: str) -> str:
     return f"{queue}-error"
 
 
-def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:
-    """Queue name -> declaration arguments for the main, delay and error queues."""
-    queue, exchange = settings.queue, settings.exchange
+def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict[str, Any]]:
+    """Queue name -> declaration arguments for the main, delay and error queues of `queue`
+    (default: amqp.queue); a named queue gets the same arguments as the default one."""
+    queue, exchange = queue or settings.queue, settings.exchange
     return {
         queue: {
             "x-dead-letter-exchange": exchange,
@@ -42,6 +43,41 @@ def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:
         },
         error_queue(queue): {"x-message-ttl": settings.errored_ttl_ms},
     }
+
+
+#: What `--queue` and `_queue=` call amqp.queue.
+DEFAULT_QUEUE = "default"
+#: Named queues: these characters; no "amq." prefix (RabbitMQ reserves it).
+QUEUE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.:")
+#: RabbitMQ's limit is 255 bytes, and the name's "-delay" and "-error" queues must fit it too.
+MAX_QUEUE_NAME_LENGTH = 255 - len("-delay")
+
+
+def task_queue(name: Any, settings: AMQPSettings) -> str:
+    """The queue `name` designates: amqp.queue for None or "default", else `name`, checked."""
+    if name is None or name == DEFAULT_QUEUE:
+        return settings.queue
+    return check_queue_name(name)
+
+
+def check_queue_name(name: Any) -> str:
+    """`name` if it may name a queue; ValueError saying what is wrong with a name RabbitMQ
+    would refuse, or one that would collide with another queue's delay or error queue."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a queue name must be a non-empty string, not {name!r}")
+    if len(name.encode()) > MAX_QUEUE_NAME_LENGTH:
+        raise ValueError(
+            f"queue name {name[:40]!r}... is longer than {MAX_QUEUE_NAME_LENGTH} bytes "
+            "(RabbitMQ's 255, less its '-delay' suffix)"
+        )
+    if not QUEUE_CHARACTERS.issuperset(name):
+        bad = sorted(set(name) - QUEUE_CHARACTERS)[:5]
+        raise ValueError(f"queue name {name!r} has characters outside [A-Za-z0-9-_.:]: {bad}")
+    if name.startswith("amq."):
+        raise ValueError(f"queue name {name!r}: RabbitMQ reserves names starting with 'amq.'")
+    if name.endswith(("-delay", "-error")):
+        raise ValueError(f"queue name {name!r} ends like a delay or error queue")
+    return name
 
 
 def beacon_queues(uid: str) -> tuple[str, str]:

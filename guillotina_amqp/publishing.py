@@ -39,10 +39,14 @@ class Publisher:
                 if not self._owns_connection and not self._connection_open():
                     raise aioamqp.AmqpClosedConnection()  # its owner (the worker) reconnects it
                 if self._owns_connection and not self._connection_open():
+                    queues: set[str] = set()
                     if self.connection is not None:
+                        queues = self.connection.queues  # the named queues it published to
                         await self.connection.close()
                     self.connection = AMQPConnection(
-                        self.settings, name=f"guillotina_amqp publisher ({self.settings.queue})"
+                        self.settings,
+                        name=f"guillotina_amqp publisher ({self.settings.queue})",
+                        queues=queues,
                     )
                     await self.connection.open(max_time=10)
                 assert self.connection is not None
@@ -58,6 +62,10 @@ class Publisher:
         await self._ready_channel()
         assert self.connection is not None
         return self.connection
+
+    async def declare(self, queue: str) -> None:
+        """Make sure `queue` (a named queue, or amqp.queue) and its delay and error queues exist."""
+        await (await self.connect()).add_queue(queue)
 
     async def publish(
         self, body: bytes, routing_key: str, retries: int = 3, headers: dict | None = None

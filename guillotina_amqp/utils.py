@@ -18,7 +18,7 @@ from guillotina_amqp import context, metrics, registry, settings
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import check_task_id, task_id_prefix
+from guillotina_amqp.names import check_task_id, task_id_prefix, task_queue
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
@@ -73,6 +73,7 @@ async def add_task(
     _request: IRequest | None = None,
     _retries: int = 3,
     _task_id: str | None = None,
+    _queue: str | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -81,13 +82,15 @@ async def add_task(
     once RabbitMQ confirmed it. It runs as the current user, inside the
     current container (if any). `_retries`: how many times publishing is tried
     again over a new connection; `_task_id`: use this id instead of a new one
-    (an id whose earlier run ended runs again, as a new run). Without an `amqp`
-    settings block, logs a warning and returns None.
+    (an id whose earlier run ended runs again, as a new run); `_queue`: publish to
+    this named queue (its own `-delay` and `-error` queues are declared with it),
+    run by workers started with `--queue <name>`; None or "default" is amqp.queue.
+    Without an `amqp` settings block, logs a warning and returns None.
 
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
-    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved. Nothing
-    is published then.
+    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
+    queue name RabbitMQ would refuse (names.task_queue). Nothing is published then.
     """
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
@@ -98,21 +101,26 @@ async def add_task(
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
+    queue = task_queue(_queue, config)
     run = messages.new_run()
-    body = messages.encode(
-        {
-            "func": _dotted_name(func),
-            "args": list(args),
-            "kwargs": kwargs,
-            "db_id": db_id,
-            "container_id": container_id,
-            "task_id": task_id,
-            "run": run,
-            "req_data": messages.request_data(request, get_authenticated_user(), container),
-        },
-        config,
-    )
-    await get_publisher(config).publish(body, config.queue, retries=_retries)
+    message = {
+        "func": _dotted_name(func),
+        "args": list(args),
+        "kwargs": kwargs,
+        "db_id": db_id,
+        "container_id": container_id,
+        "task_id": task_id,
+        "run": run,
+        "req_data": messages.request_data(request, get_authenticated_user(), container),
+    }
+    named = queue != config.queue
+    if named:
+        message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
+    body = messages.encode(message, config)
+    publisher = get_publisher(config)
+    if named:
+        await publisher.declare(queue)
+    await publisher.publish(body, queue, retries=_retries)
     await get_state_manager().create(task_id, initial_state(run))
     return TaskState(task_id)
 

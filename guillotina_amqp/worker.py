@@ -13,7 +13,7 @@ import enum
 import logging
 import time
 import uuid
-from typing import Any, NamedTuple
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aioamqp.channel import Channel
 
@@ -63,6 +63,7 @@ class Delivery(NamedTuple):
     body: bytes
     envelope: Any
     properties: Any
+    queue: str  # the queue it came from: its retries go through that queue's delay queue
 
     @property
     def headers(self) -> dict | None:
@@ -70,7 +71,7 @@ class Delivery(NamedTuple):
 
 
 class Worker:
-    """Consumes `amqp.queue` and runs up to `max_size` tasks at once (SPEC §4)."""
+    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once (SPEC §4)."""
 
     def __init__(
         self,
@@ -78,10 +79,15 @@ class Worker:
         loop: asyncio.AbstractEventLoop | None = None,
         max_size: int | None = None,
         check_activity: bool = True,
+        queues: Iterable[str] = (),
     ) -> None:
         self.request = request
         self.loop = loop
         self.settings = get_settings()
+        #: the queues consumed ("default" is amqp.queue); ValueError for a name RabbitMQ would refuse
+        self.queues = list(dict.fromkeys(names.task_queue(q, self.settings) for q in queues)) or [
+            self.settings.queue
+        ]
         self.max_size = max_size or self.settings.max_running_tasks
         self.check_activity = check_activity
         self.max_task_retries = self.settings.max_task_retries
@@ -93,7 +99,7 @@ class Worker:
         self.connection: AMQPConnection | None = None
         self.publisher: Publisher | None = None
         self._channel: Channel | None = None
-        self._consumer_tag: str | None = None
+        self._consumer_tags: set[str] = set()
         self._running: dict[str, tuple[Job, asyncio.Task]] = {}
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
@@ -111,7 +117,7 @@ class Worker:
     @property
     def connection_name(self) -> str:
         """How RabbitMQ lists our connection (client_properties.connection_name)."""
-        return f"guillotina_amqp worker {self.worker_id} ({self.settings.queue})"
+        return f"guillotina_amqp worker {self.worker_id} ({', '.join(self.queues)})"
 
     @property
     def num_running(self) -> int:
@@ -123,7 +129,7 @@ class Worker:
         self._slots = asyncio.Semaphore(self.max_size)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.connection = AMQPConnection(self.settings, name=self.connection_name)
+        self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.queues)
         await self.connection.open()
         await self._consume()
         self._background.append(asyncio.create_task(self._status_loop()))
@@ -132,7 +138,7 @@ class Worker:
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
-            self.settings.queue,
+            ", ".join(self.queues),
             self.max_size,
             self.settings.persistent_manager,
         )
@@ -162,21 +168,32 @@ class Worker:
     async def _publish_probe(self, body: bytes) -> None:
         assert self.publisher is not None
         headers = {liveness.PROBE_HEADER: "1"}
-        await self.publisher.publish(body, self.settings.queue, retries=0, headers=headers)
+        # into a queue we consume, so that it comes back to us
+        await self.publisher.publish(body, self.queues[0], retries=0, headers=headers)
 
     async def _consume(self) -> None:
         assert self.connection is not None
         self._channel = await self.connection.channel()
         await self._channel.basic_qos(prefetch_count=self.max_size)
+        if len(self.queues) > 1:  # the limit above is per consumer: hold no more in all
+            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=True)
         self.publisher = Publisher(self.settings, self.connection)
         self._consumer_cancelled = asyncio.Event()
         self._channel.add_cancellation_callback(self._on_consumer_cancelled)
-        result = await self._channel.basic_consume(self._on_message, queue_name=self.settings.queue)
-        self._consumer_tag = result["consumer_tag"]
+        self._consumer_tags = set()
+        for queue in self.queues:
+            result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
+            self._consumer_tags.add(result["consumer_tag"])
+
+    def _consumer(self, queue: str) -> Callable[..., Awaitable[None]]:
+        async def on_message(channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
+            await self._on_message(channel, body, envelope, properties, queue)
+
+        return on_message
 
     async def _on_consumer_cancelled(self, channel: Channel, consumer_tag: str) -> None:
         # the broker cancels a consumer whose queue was deleted; the channel stays open
-        if channel is self._channel and consumer_tag == self._consumer_tag:
+        if channel is self._channel and consumer_tag in self._consumer_tags:
             self._consumer_cancelled.set()
 
     async def join(self) -> None:
@@ -228,16 +245,20 @@ class Worker:
             await self.connection.close()
 
     async def _stop_consuming(self) -> None:
-        if self._channel is not None and self._consumer_tag and self._channel.is_open:
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await self._channel.basic_cancel(self._consumer_tag)
+        if self._channel is not None and self._channel.is_open:
+            for consumer_tag in self._consumer_tags:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self._channel.basic_cancel(consumer_tag)
 
     # -- one delivery ---------------------------------------------------------
-    async def _on_message(self, channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
+    async def _on_message(
+        self, channel: Channel, body: bytes, envelope: Any, properties: Any, queue: str | None = None
+    ) -> None:
         # called from aioamqp's frame reader: hand the delivery over, never await the broker here
         if self.activity is not None:
             self.activity.touch()
-        task = asyncio.create_task(self._handle(Delivery(channel, body, envelope, properties)))
+        delivery = Delivery(channel, body, envelope, properties, queue or self.queues[0])
+        task = asyncio.create_task(self._handle(delivery))
         self._handlers.add(task)
         assert self._idle is not None
         self._idle.clear()
@@ -420,7 +441,7 @@ class Worker:
             headers[counter] = _count(headers, counter) + 1
         try:
             await self.publisher.publish(
-                delivery.body, names.delay_queue(self.settings.queue), retries=1, headers=headers
+                delivery.body, names.delay_queue(delivery.queue), retries=1, headers=headers
             )
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back
@@ -480,7 +501,7 @@ class Worker:
                 return
             logger.warning("Worker %s lost its RabbitMQ %s; consuming again", self.worker_id, lost)
             await self._resume()
-            logger.info("Worker %s reconnected and consuming %s", self.worker_id, self.settings.queue)
+            logger.info("Worker %s reconnected and consuming %s", self.worker_id, ", ".join(self.queues))
 
     async def _wait_for_loss(self) -> str:
         """Wait until the connection, the channel or the consumer is gone; say which."""
