@@ -82,3 +82,11 @@ class MessageNotRouted(AMQPError):
 
 class InvalidSettings(AMQPError, ValueError):
     """A setting cannot be read as its declared type; the message names it (never a secret's value)."""
+
+
+class Fail(AMQPError):
+    """Raised by a task: it failed for good, errored now, no retry (its message goes to the error queue)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -9,6 +9,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -63,6 +64,7 @@ class Job:
             registry.resolve(data["args"][0], settings)
         self.result: Any = None
         self.error: str | None = None
+        self.exception: BaseException | None = None  # what the failed run raised
         self.cancel_requested = False
         self.started: float | None = None
         self.retries = 0
@@ -128,6 +130,7 @@ class Job:
         return Outcome.FINISHED
 
     def _failed(self) -> Outcome:
+        self.exception = sys.exc_info()[1]
         self.error = traceback.format_exc()
         logger.error("%s failed:\n%s", self.label, self.error)
         return Outcome.ERRORED

@@ -20,7 +20,7 @@ from aioamqp.channel import Channel
 from guillotina_amqp import liveness, metrics, names
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
-from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
+from guillotina_amqp.exceptions import Fail, InvalidMessage, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import get_settings
@@ -359,7 +359,7 @@ class Worker:
             return Disposition(Action.ACK, job.label)
         self.total_errored += 1
         failed = {"status": TaskStatus.ERRORED, "error": job.error}
-        if self._exhausted(job.retries):
+        if self._exhausted(job.retries) or isinstance(job.exception, Fail):  # Fail: no retry
             await self._record(job, {**failed, "job_retries": job.retries}, final=True)
             logger.error("%s failed %s times; sending it to the error queue", job.label, job.retries + 1)
             return Disposition(Action.DEAD_LETTER, job.label)
