@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from guillotina_amqp import control, registry
 from guillotina_amqp.interfaces import ITaskDefinition
+from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.state import TaskState
 
 
@@ -24,9 +25,12 @@ class TaskDefinition:
 
     object_task = False
 
-    def __init__(self, func: Callable[..., Any], retries: int = 3, **options: Any) -> None:
+    def __init__(
+        self, func: Callable[..., Any], retries: int = 3, queue: str | None = None, **options: Any
+    ) -> None:
         self.func = func
         self.retries = retries
+        self.queue = _checked_queue(queue)
         self.options = control.check_options(options)
         functools.update_wrapper(self, func)
         registry.register(func)
@@ -44,6 +48,7 @@ class TaskDefinition:
         kwargs.setdefault("_retries", self.retries)
         for name, value in self.options.items():
             kwargs.setdefault(f"_{name}", value)
+        kwargs.setdefault("_queue", self.queue)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
         return await add_task(self.func, *args, **kwargs)
@@ -87,17 +92,26 @@ def _current_transaction() -> Any:
     return txn
 
 
+def _checked_queue(queue: str | None) -> str | None:
+    """A named queue's name, checked when the task is defined rather than at its first call."""
+    if queue not in (None, DEFAULT_QUEUE):
+        check_queue_name(queue)  # ValueError naming the problem
+    return queue
+
+
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, **options: Any) -> Any:
+    def decorate(
+        func: Callable[..., Any] | None = None, retries: int = 3, queue: str | None = None, **options: Any
+    ) -> Any:
         control.check_options(options)  # at decoration, even before a function is given
         if func is None:
-            return lambda f: kind(f, retries=retries, **options)
-        return kind(func, retries=retries, **options)
+            return lambda f: kind(f, retries=retries, queue=queue, **options)
+        return kind(func, retries=retries, queue=queue, **options)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5, timeout=30, max_retries=2)` or `task(func, retries=3)`;
+#: `@task`, `@task(retries=5, timeout=30, max_retries=2, queue="reports")` or `task(func, retries=3)`;
 #: `retries` is how often publishing is tried again, `max_retries` how often a failed run is.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
