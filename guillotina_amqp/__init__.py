@@ -17,12 +17,16 @@ __all__ = ["add_object_task", "add_task", "cancel_task", "object_task", "task"]
 # logged no-op (SPEC §1). Its defaults are guillotina_amqp.settings.DEFAULTS.
 app_settings: dict[str, Any] = {
     "redis_prefix_key": "amqpjobs-",
-    "commands": {"amqp-worker": "guillotina_amqp.commands.worker.WorkerCommand"},
+    "commands": {
+        "amqp-worker": "guillotina_amqp.commands.worker.WorkerCommand",
+        "amqp-tasks": "guillotina_amqp.commands.tasks.TasksCommand",
+    },
 }
 
 
 def includeme(root: Any, settings: dict[str, Any]) -> None:
     configure.scan("guillotina_amqp.permissions")
     configure.scan("guillotina_amqp.api")
+    configure.scan("guillotina_amqp.dashboard")
     configure.scan("guillotina_amqp.state.memory")
     configure.scan("guillotina_amqp.state.redis")

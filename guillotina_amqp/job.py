@@ -33,6 +33,13 @@ OBJECT_TASK_WRAPPERS = (
 )
 
 
+def dotted_name_of(message: dict) -> str:
+    """The function of a task message as metrics, logs and the dashboard show it."""
+    if message.get("func") in OBJECT_TASK_WRAPPERS:
+        return f"run_object_task/{message['args'][0]}"
+    return message.get("func") or ""
+
+
 class Outcome(enum.Enum):
     FINISHED = "finished"
     ERRORED = "errored"
@@ -66,9 +73,7 @@ class Job:
     @property
     def dotted_name(self) -> str:
         """The function's name as metrics and logs show it."""
-        if self.data["func"] in OBJECT_TASK_WRAPPERS:
-            return f"run_object_task/{self.data['args'][0]}"
-        return self.data["func"]
+        return dotted_name_of(self.data)
 
     @property
     def label(self) -> str:

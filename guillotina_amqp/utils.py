@@ -58,19 +58,19 @@ async def add_task(
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
     task_id = _task_id or _new_task_id(db_id, container_id)
-    body = messages.encode(
-        {
-            "func": _dotted_name(func),
-            "args": list(args),
-            "kwargs": kwargs,
-            "db_id": db_id,
-            "container_id": container_id,
-            "task_id": task_id,
-            "req_data": messages.request_data(request, get_authenticated_user(), container),
-        }
-    )
+    message = {
+        "func": _dotted_name(func),
+        "args": list(args),
+        "kwargs": kwargs,
+        "db_id": db_id,
+        "container_id": container_id,
+        "task_id": task_id,
+        "req_data": messages.request_data(request, get_authenticated_user(), container),
+    }
+    body = messages.encode(message)
     await get_publisher(config).publish(body, config.queue, retries=_retries)
-    await get_state_manager().create(task_id, initial_state())
+    # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
+    await get_state_manager().create(task_id, {**initial_state(), "job_data": message})
     return TaskState(task_id)
 
 

@@ -20,6 +20,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage
 from guillotina_amqp.job import Job, Outcome
+from guillotina_amqp.presence import Presence
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.manager import CLAIMED, LOCKED, get_state_manager
@@ -80,6 +81,7 @@ class Worker:
         self.beacon: liveness.Beacon | None = None
         self.activity: liveness.ActivityCheck | None = None
         self.probes_forwarded = 0
+        self.presence = Presence(self)
 
     @property
     def connection_name(self) -> str:
@@ -102,6 +104,7 @@ class Worker:
         self._background.append(asyncio.create_task(self._status_loop()))
         self._background.append(asyncio.create_task(self._reconnect_loop()))
         self._start_liveness()
+        await self.presence.announce()
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
@@ -197,6 +200,7 @@ class Worker:
         self.cancel()
         await asyncio.gather(*self._handlers, *self._background, return_exceptions=True)
         self._background.clear()
+        await self.presence.retire()
         if self.connection is not None:
             await self.connection.close()
 
@@ -389,6 +393,7 @@ class Worker:
                 logger.exception("Worker %s: status update failed", self.worker_id)
 
     async def update_status(self) -> None:
+        await self.presence.announce()
         running = list(self._running)
         if not running:
             return

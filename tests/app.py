@@ -389,3 +389,39 @@ async def record_item_visible(db_id: str, container_id: str, item_id: str) -> No
     except Exception as exc:  # the test shows it rather than timing out on nothing
         seen["error"] = repr(exc)
     FUTURES_RAN.append(seen)
+
+
+# -- operations tests: the dashboard and `g amqp-tasks` (tests/test_operations.py, test_dashboard.py) --
+
+
+async def until_file(go: str, fail: bool = False) -> Any:
+    """Reports progress, waits until the file `go` exists, then ends (or fails if told to)."""
+    yield (MessageType.DEBUG, "waiting for the go")
+    for _ in range(2400):
+        if os.path.exists(go):
+            break
+        await asyncio.sleep(0.05)
+    yield (MessageType.DEBUG, "got the go")
+    if fail:
+        raise RuntimeError("failing as told")
+    yield (MessageType.RESULT, "done")
+
+
+async def fail_unless_file(go: str) -> str:
+    """Fails until the file `go` exists: a task an operator retries once the cause is fixed."""
+    if not os.path.exists(go):
+        raise RuntimeError(f"{go} is missing")
+    return "fixed"
+
+
+@configure.service(
+    context=IContainer, method="POST", name="@test-call", permission="guillotina.AccessContent"
+)
+async def schedule_call(context: Any, request: Any) -> dict:
+    """Schedules tests.app.<func>(*args) in this container (func one of CALLABLE)."""
+    body = await request.json()
+    state = await add_task(CALLABLE[body["func"]], *body.get("args", []))
+    return {"task_id": state.task_id}
+
+
+CALLABLE = {"until_file": until_file, "fail_unless_file": fail_unless_file, "noop": noop, "fail": fail}

@@ -19,6 +19,7 @@ from guillotina_amqp.state.manager import (
     Watch,
     initial_state,
 )
+from guillotina_amqp.state.memory_operations import MemoryOperations
 from guillotina_amqp.state.status import DONE_STATUSES, TaskStatus
 
 
@@ -54,7 +55,7 @@ class _Expiring(dict):
 
 
 @configure.utility(provides=IStateManagerUtility, name="memory")
-class MemoryStateManager(StateManager):
+class MemoryStateManager(MemoryOperations, StateManager):
     def __init__(self) -> None:
         super().__init__()
         self._states = _Expiring()
@@ -75,6 +76,8 @@ class MemoryStateManager(StateManager):
         state = _decoded(self._states.merge(task_id, fields, ttl))
         if "status" in data:
             self._changed(task_id)
+        if "eventlog" in data and "status" not in data:
+            self.notify(task_id)  # progress, live on the dashboard
         return state
 
     # -- hot path ---------------------------------------------------------
@@ -82,9 +85,15 @@ class MemoryStateManager(StateManager):
         if self._states.live(task_id) is not None:
             return False
         self._merge(task_id, data, self.state_ttl)
+        await self._index_change(task_id, data)
         return True
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
+        claim = await self._claim(task_id, job_data, lock_ttl, owner)
+        await self._index_claim(task_id, claim.outcome)
+        return claim
+
+    async def _claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None) -> Claim:
         await self.create(task_id, initial_state())
         if (await self.get(task_id)).get("status") in DONE_STATUSES:
             # a late cancel of a task that already ended changes nothing (and is forgotten)
@@ -107,6 +116,7 @@ class MemoryStateManager(StateManager):
         if self._locks.live(task_id) == (owner or self.worker_id):
             del self._locks[task_id]
         self._merge(task_id, data, ttl or None)  # no ttl keeps the current expiry, as in Redis
+        await self._index_change(task_id, data)
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         return {task_id for task_id in task_ids if task_id in self._canceled}
@@ -131,6 +141,7 @@ class MemoryStateManager(StateManager):
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         self._merge(task_id, data, ttl if ttl is not None else self.state_ttl)
+        await self._index_change(task_id, data)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         return _decoded(self._states.live(task_id) or {})

@@ -27,6 +27,8 @@ from guillotina_amqp.exceptions import StateManagerUnavailable, TaskAccessUnauth
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.manager import CLAIMED, Claim, StateManager, Watch, initial_state
+from guillotina_amqp.state.redis_operations import SCRIPTS as OPERATIONS_SCRIPTS
+from guillotina_amqp.state.redis_operations import RedisOperations
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
@@ -243,7 +245,7 @@ class _Notifier:
 
 
 @configure.utility(provides=IStateManagerUtility, name="redis")
-class RedisStateManager(StateManager):
+class RedisStateManager(RedisOperations, StateManager):
     def __init__(self) -> None:
         super().__init__()
         self._client: Redis | None = None
@@ -272,6 +274,7 @@ class RedisStateManager(StateManager):
                 ("finish", FINISH),
                 ("owned_lock", OWNED_LOCK),
                 ("refresh_locks", REFRESH_LOCKS),
+                *OPERATIONS_SCRIPTS.items(),
             ):
                 self._scripts[name] = self._client.register_script(source)
         return self._client
@@ -296,7 +299,10 @@ class RedisStateManager(StateManager):
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
         config = get_settings()  # once per call: it is rebuilt from app_settings each time
         key = names.state_key(config.redis_prefix_key, task_id)
-        return bool(await self._run("create", [key], [config.state_ttl, *_fields(data)]))
+        created = bool(await self._run("create", [key], [config.state_ttl, *_fields(data)]))
+        if created:
+            await self._index_change(task_id, data)
+        return created
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
         config = get_settings()
@@ -307,6 +313,7 @@ class RedisStateManager(StateManager):
         args += [names.done_channel(prefix, task_id), len(initial) // 2, *initial, *running]
         found = await self._run("claim", list(self._keys(task_id, prefix)), args)
         outcome = found[0].decode()
+        await self._index_claim(task_id, outcome)
         if outcome != CLAIMED:
             return Claim(outcome)
         return Claim(outcome, orjson.loads(found[1]) or 0, orjson.loads(found[2]) or [])
@@ -318,6 +325,7 @@ class RedisStateManager(StateManager):
         key, lock, _ = self._keys(task_id, prefix)
         args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id), *_fields(data)]
         await self._run("finish", [key, lock], args)
+        await self._index_change(task_id, data)
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
@@ -370,11 +378,12 @@ class RedisStateManager(StateManager):
                 if mapping:
                     pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl)
-                if "status" in data:
+                if "status" in data or "eventlog" in data:  # progress too, live on the dashboard
                     pipe.publish(names.done_channel(self.prefix, task_id), "changed")
                 await pipe.execute()
 
         await self._call(send)
+        await self._index_change(task_id, data)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         key = names.state_key(self.prefix, task_id)
@@ -390,7 +399,9 @@ class RedisStateManager(StateManager):
         pattern = _glob_escape(base + prefix) + "*"
         # bookkeeping keys are strings and a sorted set: TYPE hash keeps tasks only
         async for key in client.scan_iter(match=pattern, count=1000, _type="hash"):
-            yield key.decode()[len(base) :]
+            task_id = key.decode()[len(base) :]
+            if not task_id.startswith(names.META):  # the operations' hashes (meta:times:...)
+                yield task_id
 
     async def acquire(self, task_id: str, ttl: int) -> bool:
         lock, owner = names.lock_key(self.prefix, task_id), self.worker_id

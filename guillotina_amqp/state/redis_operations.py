@@ -1,0 +1,195 @@
+"""The container index and worker presence kept in Redis (SPEC §13), one script per write.
+
+Keys (all under `<prefix>meta:`, see guillotina_amqp.names): `meta:index:all:<container>`
+and `meta:index:<status>:<container>` sorted sets, `meta:times:<task_id>` hashes,
+`meta:workers:<worker_id>` announcements with a TTL and the `meta:workers` sorted set
+naming them (so listing workers never scans the database).
+"""
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+
+import orjson
+from redis.asyncio import Redis
+
+from guillotina_amqp import names
+from guillotina_amqp.state.operations import Operations, Position, after_position, status_slot
+
+T = TypeVar("T")
+
+# KEYS: all, the five status sets (names.INDEXED_STATUSES order), times.
+# ARGV: task id, status slot (1-5), now, state ttl, channel, status.
+# An entry of `all` keeps its creation time; status sets hold the time of the transition.
+INDEX = """
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
+for i = 2, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('ZADD', KEYS[1 + tonumber(ARGV[2])], now, ARGV[1])
+redis.call('HSETNX', KEYS[7], 'created', now)
+if ARGV[6] == 'scheduled' then
+  redis.call('HDEL', KEYS[7], 'started', 'ended')
+elseif ARGV[6] == 'running' then
+  redis.call('HSET', KEYS[7], 'started', now)
+  redis.call('HDEL', KEYS[7], 'ended')
+else
+  redis.call('HSET', KEYS[7], 'ended', now)
+end
+-- a state lives state_ttl after its last transition: older entries have no state left
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
+for i = 4, 6 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - ttl) end
+for i = 1, 7 do redis.call('EXPIRE', KEYS[i], 2 * ttl) end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+
+# KEYS: a sorted set. ARGV: max score ('+inf' or a number), id at that score ('' = none), count.
+# Entries strictly after (score, id) in newest-first order; ties are ordered by id, descending.
+PAGE = """
+local count, out, offset = tonumber(ARGV[3]), {}, 0
+while #out < 2 * count do
+  local batch = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], '-inf', 'WITHSCORES', 'LIMIT', offset, count)
+  if #batch == 0 then break end
+  for i = 1, #batch, 2 do
+    local later = ARGV[2] == '' or tonumber(batch[i + 1]) < tonumber(ARGV[1]) or batch[i] < ARGV[2]
+    if #out < 2 * count and later then
+      out[#out + 1] = batch[i]
+      out[#out + 1] = batch[i + 1]
+    end
+  end
+  offset = offset + count
+end
+return out
+"""
+
+SCRIPTS = {"index": INDEX, "index_page": PAGE}
+
+
+class RedisOperations(Operations):
+    """Mixed into RedisStateManager: uses its prefix, script runner and retrying calls."""
+
+    if TYPE_CHECKING:  # provided by RedisStateManager
+
+        @property
+        def prefix(self) -> str: ...
+
+        @property
+        def state_ttl(self) -> int: ...
+
+    _run: Callable[[str, list[str], list[Any]], Awaitable[Any]]
+    _call: Callable[[Callable[[Redis], Awaitable[Any]]], Awaitable[Any]]
+
+    client: Callable[[], Awaitable[Redis]]
+
+    async def index(self, task_id: str, status: str) -> None:
+        container = names.container_of(task_id)
+        if container is None:
+            return
+        prefix = self.prefix
+        keys = [names.index_key(prefix, container)]
+        keys += [names.index_key(prefix, container, s) for s in names.INDEXED_STATUSES]
+        keys.append(names.times_key(prefix, task_id))
+        channel = names.done_channel(prefix, task_id)
+        args = [task_id, status_slot(status) + 1, time.time(), self.state_ttl, channel, status]
+        await self._run("index", keys, args)
+
+    async def index_page(
+        self, container: str, status: str | None, after: Position | None, count: int
+    ) -> list[Position]:
+        key = names.index_key(self.prefix, container, status)
+        bound = ["+inf", ""] if after is None else [repr(after[0]), after[1]]
+        flat = await self._run("index_page", [key], [*bound, count])
+        found = [(float(flat[i + 1]), flat[i].decode()) for i in range(0, len(flat), 2)]
+        return [position for position in found if after_position(position, after)]
+
+    async def index_counts(self, container: str, status: str, edges: list[float]) -> list[int]:
+        key = names.index_key(self.prefix, container, status)
+
+        async def send(client: Redis) -> list[int]:
+            async with client.pipeline(transaction=False) as pipe:
+                for low, high in zip(edges, edges[1:]):
+                    pipe.zcount(key, low, f"({high}")
+                return await pipe.execute()
+
+        return await self._call(send)
+
+    async def index_entries(self, task_ids: list[str]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+        prefix = self.prefix
+
+        async def send(client: Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hgetall(names.state_key(prefix, task_id))
+                    pipe.hgetall(names.times_key(prefix, task_id))
+                return await pipe.execute()
+
+        replies = await self._call(send) if task_ids else []
+        return [
+            (
+                {key.decode(): orjson.loads(value) for key, value in state.items()},
+                {key.decode(): float(value) for key, value in times.items()},
+            )
+            for state, times in zip(replies[::2], replies[1::2])
+        ]
+
+    async def unindex(self, container: str, task_ids: Iterable[str]) -> None:
+        ids = list(task_ids)
+        if not ids:
+            return
+        keys = [names.index_key(self.prefix, container)]
+        keys += [names.index_key(self.prefix, container, s) for s in names.INDEXED_STATUSES]
+
+        async def send(client: Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrem(key, *ids)
+                await pipe.execute()
+
+        await self._call(send)
+
+    @contextlib.asynccontextmanager
+    async def changes(self, container: str) -> AsyncIterator[AsyncIterator[str]]:
+        client = await self.client()
+        start = len(names.done_channel(self.prefix, ""))
+        async with client.pubsub() as pubsub:
+            await pubsub.psubscribe(names.changed_pattern(self.prefix, container))
+
+            async def changed() -> AsyncIterator[str]:
+                async for message in pubsub.listen():
+                    if message["type"] == "pmessage":
+                        yield message["channel"].decode()[start:]
+
+            yield changed()
+
+    async def announce(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        key, registry = names.worker_key(self.prefix, worker_id), names.workers_key(self.prefix)
+        now, body = time.time(), orjson.dumps(info)
+
+        async def send(client: Redis) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.set(key, body, px=int(ttl * 1000))
+                pipe.zadd(registry, {worker_id: now + ttl})
+                pipe.zremrangebyscore(registry, "-inf", now)
+                await pipe.execute()
+
+        await self._call(send)
+
+    async def retire(self, worker_id: str) -> None:
+        key, registry = names.worker_key(self.prefix, worker_id), names.workers_key(self.prefix)
+
+        async def send(client: Redis) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.zrem(registry, worker_id)
+                await pipe.execute()
+
+        await self._call(send)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        registry = names.workers_key(self.prefix)
+        ids = [i.decode() for i in await self._call(lambda client: client.zrange(registry, 0, -1))]
+        if not ids:
+            return []
+        keys = [names.worker_key(self.prefix, worker_id) for worker_id in ids]
+        found = await self._call(lambda client: client.mget(keys))
+        return [orjson.loads(body) for body in found if body is not None]
