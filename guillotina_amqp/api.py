@@ -6,7 +6,7 @@ from guillotina import configure, task_vars
 from guillotina.api.service import Service
 from guillotina.component import get_utility
 from guillotina.interfaces import IApplication, IContainer, IDatabase
-from guillotina.response import HTTPConflict, HTTPNotFound, HTTPPreconditionFailed
+from guillotina.response import HTTPBadRequest, HTTPConflict, HTTPNotFound
 from guillotina.utils import get_authenticated_user, get_security_policy
 
 from guillotina_amqp import queues, task_index
@@ -109,7 +109,7 @@ async def list_tasks(context: Any, request: Any) -> Any:
         limit = task_index.check_query(query.get("limit"), query.get("status"))
         page = await task_index.page(manager, prefix, limit, query.get("cursor"), query.get("status"), owned)
     except ValueError as exc:
-        raise HTTPPreconditionFailed(content={"reason": str(exc)})
+        raise HTTPBadRequest(content={"reason": str(exc)})
     return page.as_json()
 
 

@@ -13,7 +13,6 @@ from zope.interface import implementer
 
 from guillotina_amqp.exceptions import StateManagerUnavailable
 from guillotina_amqp.interfaces import IStateManagerUtility
-from guillotina_amqp.names import INDEXED_STATUSES
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.operations import Operations
 from guillotina_amqp.state.status import TaskStatus
@@ -95,17 +94,6 @@ class StateManager(Operations, abc.ABC):
 
     async def finalize(self) -> None:
         """Drop connections and background listeners."""
-
-    async def _index_claim(self, task_id: str, outcome: str) -> None:
-        # the container index follows the claim (a separate write until it joins the claim script)
-        if outcome == CLAIMED:
-            await self.index(task_id, TaskStatus.RUNNING)
-        elif outcome == CANCELED:
-            await self.index(task_id, TaskStatus.CANCELED)
-
-    async def _index_change(self, task_id: str, data: dict[str, Any]) -> None:
-        if data.get("status") in INDEXED_STATUSES:
-            await self.index(task_id, data["status"])
 
     # -- SPEC §5 ------------------------------------------------------------
     @abc.abstractmethod

@@ -85,13 +85,11 @@ class MemoryStateManager(MemoryOperations, StateManager):
         if self._states.live(task_id) is not None:
             return False
         self._merge(task_id, data, self.state_ttl)
-        await self._index_change(task_id, data)
+        await self.index(task_id)
         return True
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        claim = await self._claim(task_id, job_data, lock_ttl, owner)
-        await self._index_claim(task_id, claim.outcome)
-        return claim
+        return await self._indexed(self._claim(task_id, job_data, lock_ttl, owner), task_id)
 
     async def _claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None) -> Claim:
         await self.create(task_id, initial_state())
@@ -116,7 +114,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
         if self._locks.live(task_id) == (owner or self.worker_id):
             del self._locks[task_id]
         self._merge(task_id, data, ttl or None)  # no ttl keeps the current expiry, as in Redis
-        await self._index_change(task_id, data)
+        await self.index(task_id)
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         return {task_id for task_id in task_ids if task_id in self._canceled}
@@ -141,7 +139,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         self._merge(task_id, data, ttl if ttl is not None else self.state_ttl)
-        await self._index_change(task_id, data)
+        await self.index(task_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         return _decoded(self._states.live(task_id) or {})

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable
 
 from guillotina_amqp import names
-from guillotina_amqp.state.operations import Operations, Position, after_position, status_slot
+from guillotina_amqp.state.operations import Operations, Position, after_position
 
 
 class MemoryOperations(Operations):
@@ -33,15 +33,18 @@ class MemoryOperations(Operations):
         for queue in self._listeners.get(container or "", ()):
             queue.put_nowait(task_id)
 
-    async def index(self, task_id: str, status: str) -> None:
+    async def index(self, task_id: str) -> None:
         container = names.container_of(task_id)
-        if container is None:
+        status = (await self.get(task_id)).get("status")
+        if container is None or status not in names.INDEXED_STATUSES:
             return
-        now, slot = time.time(), status_slot(status)
+        if task_id in self._index.get((container, status), {}):
+            return
+        now = time.time()
         self._index.setdefault((container, None), {}).setdefault(task_id, now)
         for other in names.INDEXED_STATUSES:
             self._index.get((container, other), {}).pop(task_id, None)
-        self._index.setdefault((container, names.INDEXED_STATUSES[slot]), {})[task_id] = now
+        self._index.setdefault((container, status), {})[task_id] = now
         times = self._times.setdefault(task_id, {})
         times.setdefault("created", now)
         if status == "scheduled":

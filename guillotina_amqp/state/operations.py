@@ -8,10 +8,11 @@ when a page meets it.
 """
 
 import abc
+import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
 
-from guillotina_amqp import names
+T = TypeVar("T")
 
 #: index position: (score, task id) of the last entry of a page, the next page starts after it
 Position = tuple[float, str]
@@ -21,9 +22,21 @@ class Operations(abc.ABC):
     """Index and presence methods every state manager provides, with the same semantics."""
 
     @abc.abstractmethod
-    async def index(self, task_id: str, status: str) -> None:
-        """Record that a container's task reached `status` and tell the container's listeners.
-        Ids made outside a container are not indexed."""
+    async def index(self, task_id: str) -> None:
+        """Index the status a container's task holds now, unless it is indexed already, and tell
+        the container's listeners. Ids made outside a container are not indexed.
+
+        Idempotent and self-contained, so it may run alongside (right after) any transition."""
+
+    async def _indexed(self, transition: Awaitable[T], task_id: str) -> T:
+        """`transition`, then the index of the status it left, sent together (the Redis manager
+        pipelines the script calls made in one loop turn: still one round trip)."""
+        await self._connected()  # else the two calls could race to connect and swap places
+        result, _ = await asyncio.gather(transition, self.index(task_id))
+        return result
+
+    async def _connected(self) -> None:
+        """Make sure the store is reachable without waiting (a manager that connects overrides it)."""
 
     @abc.abstractmethod
     async def index_page(
@@ -59,13 +72,6 @@ class Operations(abc.ABC):
     @abc.abstractmethod
     async def workers(self) -> list[dict[str, Any]]:
         """What the live workers announced (those whose announcement expired are gone)."""
-
-
-def status_slot(status: str) -> int:
-    """Which of the per-status sets a status goes to (ValueError for an unknown status)."""
-    if status not in names.INDEXED_STATUSES:
-        raise ValueError(f"unknown task status {status!r} (one of {', '.join(names.INDEXED_STATUSES)})")
-    return names.INDEXED_STATUSES.index(status)
 
 
 def after_position(position: Position, after: Position | None) -> bool:

@@ -299,10 +299,8 @@ class RedisStateManager(RedisOperations, StateManager):
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
         config = get_settings()  # once per call: it is rebuilt from app_settings each time
         key = names.state_key(config.redis_prefix_key, task_id)
-        created = bool(await self._run("create", [key], [config.state_ttl, *_fields(data)]))
-        if created:
-            await self._index_change(task_id, data)
-        return created
+        create = self._run("create", [key], [config.state_ttl, *_fields(data)])
+        return bool(await self._indexed(create, task_id))
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
         config = get_settings()
@@ -311,9 +309,8 @@ class RedisStateManager(RedisOperations, StateManager):
         running = _fields({"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()})
         args = [task_id, owner or self.worker_id, lock_ttl, config.state_ttl]
         args += [names.done_channel(prefix, task_id), len(initial) // 2, *initial, *running]
-        found = await self._run("claim", list(self._keys(task_id, prefix)), args)
+        found = await self._indexed(self._run("claim", list(self._keys(task_id, prefix)), args), task_id)
         outcome = found[0].decode()
-        await self._index_claim(task_id, outcome)
         if outcome != CLAIMED:
             return Claim(outcome)
         return Claim(outcome, orjson.loads(found[1]) or 0, orjson.loads(found[2]) or [])
@@ -324,8 +321,7 @@ class RedisStateManager(RedisOperations, StateManager):
         prefix = self.prefix
         key, lock, _ = self._keys(task_id, prefix)
         args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id), *_fields(data)]
-        await self._run("finish", [key, lock], args)
-        await self._index_change(task_id, data)
+        await self._indexed(self._run("finish", [key, lock], args), task_id)
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
@@ -383,7 +379,8 @@ class RedisStateManager(RedisOperations, StateManager):
                 await pipe.execute()
 
         await self._call(send)
-        await self._index_change(task_id, data)
+        if "status" in data:
+            await self.index(task_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         key = names.state_key(self.prefix, task_id)

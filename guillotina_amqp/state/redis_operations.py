@@ -14,22 +14,29 @@ import orjson
 from redis.asyncio import Redis
 
 from guillotina_amqp import names
-from guillotina_amqp.state.operations import Operations, Position, after_position, status_slot
+from guillotina_amqp.state.operations import Operations, Position, after_position
 
 T = TypeVar("T")
 
-# KEYS: all, the five status sets (names.INDEXED_STATUSES order), times.
-# ARGV: task id, status slot (1-5), now, state ttl, channel, status.
-# An entry of `all` keeps its creation time; status sets hold the time of the transition.
+# KEYS: all, the five status sets (names.INDEXED_STATUSES order), times, state.
+# ARGV: task id, now, state ttl, channel.
+# Indexes the status the state holds now, so it can run right after any transition (in the
+# same pipeline); a status already indexed changes nothing. An entry of `all` keeps its
+# creation time; status sets hold the time of the transition.
 INDEX = """
-local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local raw = redis.call('HGET', KEYS[8], 'status')
+if not raw then return 0 end
+local status = cjson.decode(raw)
+local slot = ({scheduled = 2, running = 3, finished = 4, errored = 5, canceled = 6})[status]
+if not slot or redis.call('ZSCORE', KEYS[slot], ARGV[1]) then return 0 end
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
 for i = 2, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
-redis.call('ZADD', KEYS[1 + tonumber(ARGV[2])], now, ARGV[1])
+redis.call('ZADD', KEYS[slot], now, ARGV[1])
 redis.call('HSETNX', KEYS[7], 'created', now)
-if ARGV[6] == 'scheduled' then
+if status == 'scheduled' then
   redis.call('HDEL', KEYS[7], 'started', 'ended')
-elseif ARGV[6] == 'running' then
+elseif status == 'running' then
   redis.call('HSET', KEYS[7], 'started', now)
   redis.call('HDEL', KEYS[7], 'ended')
 else
@@ -39,7 +46,7 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
 for i = 4, 6 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - ttl) end
 for i = 1, 7 do redis.call('EXPIRE', KEYS[i], 2 * ttl) end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('PUBLISH', ARGV[4], status)
 return 1
 """
 
@@ -81,16 +88,18 @@ class RedisOperations(Operations):
 
     client: Callable[[], Awaitable[Redis]]
 
-    async def index(self, task_id: str, status: str) -> None:
+    async def _connected(self) -> None:
+        await self.client()
+
+    async def index(self, task_id: str) -> None:
         container = names.container_of(task_id)
         if container is None:
             return
         prefix = self.prefix
         keys = [names.index_key(prefix, container)]
         keys += [names.index_key(prefix, container, s) for s in names.INDEXED_STATUSES]
-        keys.append(names.times_key(prefix, task_id))
-        channel = names.done_channel(prefix, task_id)
-        args = [task_id, status_slot(status) + 1, time.time(), self.state_ttl, channel, status]
+        keys += [names.times_key(prefix, task_id), names.state_key(prefix, task_id)]
+        args = [task_id, time.time(), self.state_ttl, names.done_channel(prefix, task_id)]
         await self._run("index", keys, args)
 
     async def index_page(
