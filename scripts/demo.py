@@ -75,7 +75,8 @@ def run_one_task() -> None:
             break
         time.sleep(0.1)
     print(">>> final state of the task:", json.dumps(state, indent=2), sep="\n", flush=True)
-    print(">>> API on http://127.0.0.1:8080 (root/root), worker running. Ctrl-C to stop.\n", flush=True)
+    print(">>> API on http://127.0.0.1:8080 (root/root), worker running. Ctrl-C to stop.", flush=True)
+    print(f">>> Dashboard: {API}/db/demo/@amqp-dashboard (log in as root/root)\n", flush=True)
 
 
 def main() -> None:

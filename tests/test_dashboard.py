@@ -77,6 +77,7 @@ async def page(site) -> Any:
             await page.fill("#login input[name=password]", "admin")
             await page.click("#login button[type=submit]")
             await expect(page.locator("#app")).to_be_visible()
+            await expect(page.locator("#login")).to_be_hidden()
             await expect(page.locator("#live")).to_have_text("live", timeout=SHOWN)
             yield page
         finally:

@@ -7,7 +7,10 @@ import pytest
 
 from guillotina_amqp import task_index
 from guillotina_amqp.state import TaskStatus
-from tests.test_state import BOTH, JOB, new_id, state  # noqa: F401 - the state fixture
+from tests import test_state
+from tests.test_state import BOTH, JOB, new_id
+
+state = test_state.state  # the fixture: the configured manager, checked to be the one asked for
 
 C1, C2 = "task:db-c1-", "task:db-c2-"
 

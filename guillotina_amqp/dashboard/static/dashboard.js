@@ -80,7 +80,15 @@ function render(entry) {
   row.hidden = !matches(task);
 }
 
-function show(task, atTop) {
+// rows stay newest first: a task pushed live goes above the first one created before it
+function insert(row, created) {
+  const body = $("#tasks tbody");
+  row.dataset.created = created || 0;
+  const after = [...body.rows].find((other) => Number(other.dataset.created) < (created || 0));
+  body.insertBefore(row, after || null);
+}
+
+function show(task) {
   let entry = rows.get(task.task_id);
   if (!entry) {
     const row = document.createElement("tr");
@@ -89,8 +97,7 @@ function show(task, atTop) {
       '<td class="retries"></td><td class="progress"></td><td class="id"></td><td class="actions"></td>';
     row.querySelector(".id").textContent = task.task_id.slice(-12);
     row.querySelector(".id").title = task.task_id;
-    const body = $("#tasks tbody");
-    atTop ? body.prepend(row) : body.append(row);
+    insert(row, task.created);
     entry = { row };
     rows.set(task.task_id, entry);
   }
@@ -106,7 +113,7 @@ async function loadTasks(reset) {
   if (cursor) query.set("cursor", cursor);
   if ($("#status-filter").value) query.set("status", $("#status-filter").value);
   const page = await api("GET", "@amqp-tasks?" + query);
-  page.items.forEach((task) => show(task, false));
+  page.items.forEach(show);
   cursor = page.cursor;
   $("#more").hidden = !cursor;
   $("#no-tasks").hidden = [...rows.values()].some((e) => !e.row.hidden);
@@ -154,7 +161,7 @@ async function listen() {
           const event = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
           const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("");
-          if (data) JSON.parse(data).forEach((task) => show(task, true));
+          if (data) JSON.parse(data).forEach(show);
         }
       }
     } catch (error) {
