@@ -22,8 +22,9 @@ from guillotina_amqp.api import _container_prefix, _lookalike_prefix, _owns
 from guillotina_amqp.state import get_state_manager
 
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css", "index.html": "text/html"}
-#: a stream ends after this many seconds; the page opens the next one (no connection lives for ever)
-STREAM_SECONDS = 300.0
+#: a stream ends after this many seconds and the page opens the next one: no connection lives
+#: for ever, and a server shutting down (which waits for open responses) waits at most this
+STREAM_SECONDS = 60.0
 #: a comment line this often keeps proxies from closing an idle stream
 KEEPALIVE_SECONDS = 15.0
 #: changes arriving this close together go out as one event
