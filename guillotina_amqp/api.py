@@ -14,7 +14,7 @@ from guillotina_amqp.message import public_headers
 from guillotina_amqp.names import in_container, task_id_prefix
 from guillotina_amqp.retry import RetryRefused, retry_task
 from guillotina_amqp.settings import get_settings
-from guillotina_amqp.state import TaskState, get_state_manager
+from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 
 NOT_FOUND = {"reason": "Task not found"}
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -26,16 +26,21 @@ def _service(method: str, name: str, alias: str, summary: str) -> Callable[[Hand
     def register(handler: Handler) -> Handler:
         deprecated = f"Deprecated alias of {method} {name}"
         for service_name, text in ((name, summary), (alias, deprecated)):
-            configure.service(
-                context=IContainer,
-                method=method,
-                name=service_name,
-                permission="guillotina.ManageAMQP",
-                summary=text,
-            )(handler)
+            container_service(method, service_name, text)(handler)
         return handler
 
     return register
+
+
+def container_service(method: str, name: str, summary: str, **extra: Any) -> Callable[[Handler], Handler]:
+    """Register a service on containers, with guillotina.ManageAMQP unless `extra` says otherwise."""
+    return configure.service(
+        context=IContainer,
+        method=method,
+        name=name,
+        **{"permission": "guillotina.ManageAMQP", **extra},
+        summary=summary,
+    )
 
 
 def _container_prefix(context: Any) -> str:
@@ -135,12 +140,10 @@ class CancelTask(TaskService):
         return await (await self.task_state()).cancel()
 
 
-@configure.service(
-    context=IContainer,
-    method="POST",
-    name="@amqp-tasks/{task_id}/retry",
-    permission="guillotina.ManageAMQP",
-    summary="Run an errored or canceled task again under its id (409 with a reason otherwise)",
+@container_service(
+    "POST",
+    "@amqp-tasks/{task_id}/retry",
+    "Run an errored or canceled task again under its id (409 with a reason otherwise)",
 )
 class RetryTask(TaskService):
     async def __call__(self) -> dict[str, Any]:
@@ -149,15 +152,12 @@ class RetryTask(TaskService):
             await retry_task(task.task_id)
         except RetryRefused as exc:
             raise HTTPConflict(content={"reason": str(exc)})
-        return {"task_id": task.task_id, "status": (await task.get_state()).get("status")}
+        # what the retry did (by the time of this answer a worker may have run it already)
+        return {"task_id": task.task_id, "status": TaskStatus.SCHEDULED}
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-workers",
-    permission="guillotina.ManageAMQP",
-    summary="Live workers, their load and which of this container's tasks they run",
+@container_service(
+    "GET", "@amqp-workers", "Live workers, their load and which of this container's tasks they run"
 )
 async def list_workers(context: Any, request: Any) -> list[dict[str, Any]]:
     prefix = _container_prefix(context)
@@ -171,12 +171,10 @@ async def list_workers(context: Any, request: Any) -> list[dict[str, Any]]:
     return sorted(found, key=lambda worker: worker.get("started") or 0)
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-queues",
-    permission="guillotina.ManageAMQP",
-    summary="Messages waiting in the main, delay and error queues, and tasks ended over the last hour",
+@container_service(
+    "GET",
+    "@amqp-queues",
+    "Messages waiting in the main, delay and error queues, and tasks ended over the last hour",
 )
 async def list_queues(context: Any, request: Any) -> dict[str, Any]:
     depths = await queues.depths(get_settings())

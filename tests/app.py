@@ -184,13 +184,18 @@ async def create_item(item_id: str, title: str) -> str:
     return item.id
 
 
+async def until_exists(path: str, seconds: float = 60) -> None:
+    """Wait until the file `path` exists (the test says go), for `seconds` at most."""
+    for _ in range(int(seconds / 0.05)):
+        if os.path.exists(path):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def wait_then_log(path: str) -> Any:
     """Logs one event, waits until `path` exists (the test says go), logs another."""
     yield (MessageType.DEBUG, "first")
-    for _ in range(1200):
-        if os.path.exists(path):
-            break
-        await asyncio.sleep(0.05)
+    await until_exists(path)
     yield (MessageType.DEBUG, "second")
     yield (MessageType.RESULT, "done")
 
@@ -285,10 +290,7 @@ async def sleep_then_mark_pid(path: str, seconds: float) -> int:
 async def fail_when_told(path: str, go: str) -> None:
     """Logs a run in `path`, waits until the file `go` exists (the test says when), then fails."""
     await write_marker(path, "started")
-    for _ in range(1200):
-        if os.path.exists(go):
-            break
-        await asyncio.sleep(0.05)
+    await until_exists(go)
     raise RuntimeError("failing when told")
 
 
@@ -397,10 +399,7 @@ async def record_item_visible(db_id: str, container_id: str, item_id: str) -> No
 async def until_file(go: str, fail: bool = False) -> Any:
     """Reports progress, waits until the file `go` exists, then ends (or fails if told to)."""
     yield (MessageType.DEBUG, "waiting for the go")
-    for _ in range(2400):
-        if os.path.exists(go):
-            break
-        await asyncio.sleep(0.05)
+    await until_exists(go, 120)
     yield (MessageType.DEBUG, "got the go")
     if fail:
         raise RuntimeError("failing as told")

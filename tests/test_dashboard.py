@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Page, async_playwright, expect
 
-from guillotina_amqp.worker import Worker
 from tests.subprocess_worker import WorkerProcess, worker_config
+from tests.utils import running_worker
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: how long the page may take to show what happened (pushes, the 2 s worker refresh, a TTL)
@@ -65,54 +65,50 @@ async def site(app) -> Any:
 
 
 @pytest_asyncio.fixture
-async def page(site) -> Any:
-    """A logged-in dashboard page."""
+async def blank(site) -> Any:
+    """A browser page on the dashboard, not logged in."""
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (scripts/ensure-services.sh does)"
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = await browser.new_page(viewport={"width": 1400, "height": 900})
             await page.goto(site.url + "/@amqp-dashboard")
-            await page.fill("#login input[name=username]", "root")
-            await page.fill("#login input[name=password]", "admin")
-            await page.click("#login button[type=submit]")
-            await expect(page.locator("#app")).to_be_visible()
-            await expect(page.locator("#login")).to_be_hidden()
-            await expect(page.locator("#live")).to_have_text("live", timeout=SHOWN)
             yield page
         finally:
             await browser.close()
 
 
+async def log_in(page: Page, password: str) -> None:
+    await page.fill("#login input[name=username]", "root")
+    await page.fill("#login input[name=password]", password)
+    await page.click("#login button[type=submit]")
+
+
+@pytest_asyncio.fixture
+async def page(blank) -> Any:
+    """A logged-in dashboard page, its live updates connected."""
+    await log_in(blank, "admin")
+    await expect(blank.locator("#app")).to_be_visible()
+    await expect(blank.locator("#login")).to_be_hidden()
+    await expect(blank.locator("#live")).to_have_text("live", timeout=SHOWN)
+    return blank
+
+
 @pytest_asyncio.fixture
 async def worker_no_retries(site) -> Any:
-    """An in-process worker that sends a failed task to the error queue at once."""
-    worker = Worker()
-    worker.max_task_retries = 0
-    await worker.start()
-    try:
+    """A worker sending a failed task to the error queue at once (no retries)."""
+    async with running_worker(no_retries=True) as worker:
         yield worker
-    finally:
-        await worker.stop()
 
 
 def row(page: Page, task_id: str) -> Any:
     return page.locator(f'#tasks tr[data-task-id="{task_id}"]')
 
 
-async def test_a_wrong_password_is_refused(site):
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = await browser.new_page()
-            await page.goto(site.url + "/@amqp-dashboard")
-            await page.fill("#login input[name=username]", "root")
-            await page.fill("#login input[name=password]", "wrong")
-            await page.click("#login button[type=submit]")
-            await expect(page.locator("#login-error")).to_have_text("Wrong user or password.")
-            await expect(page.locator("#app")).to_be_hidden()
-        finally:
-            await browser.close()
+async def test_a_wrong_password_is_refused(blank):
+    await log_in(blank, "wrong")
+    await expect(blank.locator("#login-error")).to_have_text("Wrong user or password.")
+    await expect(blank.locator("#app")).to_be_hidden()
 
 
 async def test_a_task_appears_and_finishes_live(site, page, worker_no_retries, tmp_path):

@@ -116,3 +116,13 @@ async def test_workers_announce_and_expire(state, manager):
     assert [w["worker_id"] for w in await state.workers()] == ["w1"]
     await state.retire("w1")
     assert await state.workers() == []
+
+
+@BOTH
+async def test_listeners_hear_of_their_containers_changes_only(state, manager):
+    async with state.changes(C1) as changes:
+        await schedule(state, "c2")  # another container: not heard
+        task_id = await schedule(state)
+        assert await asyncio.wait_for(changes.__anext__(), 10) == task_id
+        await state.update(task_id, {"eventlog": [["t", "step 1"]]})  # progress is heard too
+        assert await asyncio.wait_for(changes.__anext__(), 10) == task_id

@@ -12,10 +12,9 @@ import yaml
 from guillotina_amqp import names
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus
-from guillotina_amqp.worker import Worker
 from tests.subprocess_worker import worker_config
 from tests.test_rest import create_other_container
-from tests.utils import queue_counts, wait_for
+from tests.utils import queue_counts, running_worker, wait_for
 
 G = Path(sys.executable).parent / "g"
 
@@ -28,15 +27,10 @@ async def call(requester, func: str, *args: Any, container: str = "guillotina") 
 
 
 @pytest_asyncio.fixture
-async def strict_worker(guillotina_main):
+async def strict_worker(guillotina_main) -> Any:
     """A worker sending a failed task to the error queue at once (no retries)."""
-    worker = Worker()
-    worker.max_task_retries = 0
-    await worker.start()
-    try:
+    async with running_worker(no_retries=True) as worker:
         yield worker
-    finally:
-        await worker.stop()
 
 
 # -- REST ---------------------------------------------------------------------------------

@@ -12,15 +12,15 @@ from importlib import resources
 from typing import Any, AsyncIterator
 
 import orjson
-from guillotina import configure
 from guillotina.api.service import Service
-from guillotina.interfaces import IContainer
 from guillotina.response import HTTPNotFound, Response
 
 from guillotina_amqp import task_index
-from guillotina_amqp.api import _container_prefix, _lookalike_prefix, _owns
+from guillotina_amqp.api import _container_prefix, _lookalike_prefix, _owns, container_service
 from guillotina_amqp.state import get_state_manager
 
+#: the page and its assets open before logging in (the page is where one logs in); they hold no data
+PUBLIC: dict[str, Any] = {"permission": "guillotina.Public", "allow_access": True}
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css", "index.html": "text/html"}
 #: a stream ends after this many seconds and the page opens the next one: no connection lives
 #: for ever, and a server shutting down (which waits for open responses) waits at most this
@@ -39,36 +39,20 @@ def _asset(name: str) -> Response:
     return Response(body=body, status=200, headers=headers)
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-dashboard",
-    permission="guillotina.Public",
-    allow_access=True,  # reachable before logging in: the page is where one logs in
-    summary="The tasks dashboard page (its data needs guillotina.ManageAMQP)",
+@container_service(
+    "GET", "@amqp-dashboard", "The tasks dashboard page (its data needs guillotina.ManageAMQP)", **PUBLIC
 )
 async def dashboard(context: Any, request: Any) -> Response:
     return _asset("index.html")
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-dashboard/{asset}",
-    permission="guillotina.Public",
-    allow_access=True,  # reachable before logging in: the page is where one logs in
-    summary="The dashboard's script and style sheet",
-)
+@container_service("GET", "@amqp-dashboard/{asset}", "The dashboard's script and style sheet", **PUBLIC)
 async def dashboard_asset(context: Any, request: Any) -> Response:
     return _asset(request.matchdict["asset"])
 
 
-@configure.service(
-    context=IContainer,
-    method="GET",
-    name="@amqp-events",
-    permission="guillotina.ManageAMQP",
-    summary="Server-sent events: summaries of this container's tasks as their states change",
+@container_service(
+    "GET", "@amqp-events", "Server-sent events: summaries of this container's tasks as their states change"
 )
 class TaskEvents(Service):
     async def __call__(self) -> Response:

@@ -162,6 +162,8 @@ class RedisOperations(Operations):
         start = len(names.done_channel(self.prefix, ""))
         async with client.pubsub() as pubsub:
             await pubsub.psubscribe(names.changed_pattern(self.prefix, container))
+            # subscribed once Redis says so: changes from then on are heard
+            await pubsub.get_message(timeout=5)
 
             async def changed() -> AsyncIterator[str]:
                 async for message in pubsub.listen():
