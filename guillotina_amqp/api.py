@@ -105,14 +105,22 @@ async def list_tasks(context: Any, request: Any) -> Any:
 
         owned = owned_here
     query = request.query
-    if not any(key in query for key in ("limit", "cursor", "status")):
+    if not any(key in query for key in ("limit", "cursor", "status", "function")):
         found = await task_index.all_ids(manager, prefix)
         if owned is not None:
             found = [task_id for task_id in found if await _owned(task_id, context)]
         return found
     try:
         limit = task_index.check_query(query.get("limit"), query.get("status"))
-        page = await task_index.page(manager, prefix, limit, query.get("cursor"), query.get("status"), owned)
+        page = await task_index.page(
+            manager,
+            prefix,
+            limit,
+            query.get("cursor"),
+            query.get("status"),
+            owned,
+            query.get("function") or None,
+        )
     except ValueError as exc:
         raise HTTPBadRequest(content={"reason": str(exc)})
     return page.as_json()

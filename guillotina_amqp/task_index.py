@@ -20,6 +20,10 @@ from guillotina_amqp.state.operations import Position
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+#: index entries one call reads at most (a filter that matches few tasks pages through them)
+MAX_EXAMINED = 2000
+#: entries read at a time under a function filter
+READ_AHEAD = 200
 #: buckets of the throughput chart: the last hour in 5-minute steps
 CHART_BUCKETS, CHART_STEP = 12, 300.0
 
@@ -68,26 +72,41 @@ async def page(
     cursor: str | None = None,
     status: str | None = None,
     owned: Owned | None = None,
+    function: str | None = None,
 ) -> Page:
-    """Up to `limit` task summaries of `container` (a task_id_prefix), `status` only if given."""
+    """Up to `limit` task summaries of `container` (a task_id_prefix), newest first; only
+    `status` ones, and ones whose function contains `function`, when given.
+
+    A filter that matches few tasks reads at most MAX_EXAMINED entries per call and answers
+    fewer tasks with a cursor to go on from: a page never costs more than that.
+    """
     after = decode_cursor(cursor) if cursor else None
     tasks: list[dict[str, Any]] = []
-    while len(tasks) < limit:
-        wanted = limit - len(tasks)
+    examined = 0
+    while len(tasks) < limit and examined < MAX_EXAMINED:
+        wanted = limit - len(tasks) if function is None else READ_AHEAD
         positions = await manager.index_page(container, status, after, wanted)
-        if not positions:
-            return Page(tasks, None)
-        ids = [task_id for _, task_id in positions]
-        entries = await manager.index_entries(ids)
-        await manager.unindex(container, [i for i, (state, _) in zip(ids, entries) if not state])
-        for task_id, (state, times) in zip(ids, entries):
-            if state and (status is None or state.get("status") == status):
-                if owned is None or await owned(task_id, state):
-                    tasks.append(summary(task_id, state, times))
-        after = positions[-1]
-        if len(positions) < wanted:
-            return Page(tasks, None)
+        entries = await manager.index_entries([task_id for _, task_id in positions])
+        await manager.unindex(container, [i for (_, i), (state, _) in zip(positions, entries) if not state])
+        for position, (state, times) in zip(positions, entries):
+            if len(tasks) == limit:
+                break
+            after, examined = position, examined + 1
+            task = summary(position[1], state, times) if state else None
+            if (
+                task
+                and matches(task, status, function)
+                and (owned is None or await owned(position[1], state))
+            ):
+                tasks.append(task)
+        if len(positions) < wanted and (not positions or after == positions[-1]):
+            return Page(tasks, None)  # the index has nothing after what was examined
     return Page(tasks, encode_cursor(after) if after else None)
+
+
+def matches(task: dict[str, Any], status: str | None, function: str | None) -> bool:
+    # an entry may have moved on since the status set was read
+    return (status is None or task["status"] == status) and (function is None or function in task["function"])
 
 
 async def all_ids(manager: StateManager, container: str) -> list[str]:

@@ -126,3 +126,18 @@ async def test_listeners_hear_of_their_containers_changes_only(state, manager):
         assert await asyncio.wait_for(changes.__anext__(), 10) == task_id
         await state.update(task_id, {"eventlog": [["t", "step 1"]]})  # progress is heard too
         assert await asyncio.wait_for(changes.__anext__(), 10) == task_id
+
+
+@BOTH
+async def test_a_function_filter_reads_a_bounded_stretch_per_page(state, manager, monkeypatch):
+    monkeypatch.setattr(task_index, "MAX_EXAMINED", 4)
+    monkeypatch.setattr(task_index, "READ_AHEAD", 2)
+    wanted = await schedule(state)
+    others = [await schedule(state) for _ in range(5)]
+    await state.update(wanted, {"job_data": {**JOB, "func": "tests.app.rare"}})
+
+    first = await task_index.page(state, C1, 10, None, None, None, "rare")
+    assert first.tasks == [] and first.cursor  # 4 entries read, nothing found yet: go on
+    second = await task_index.page(state, C1, 10, first.cursor, None, None, "rare")
+    assert [task["task_id"] for task in second.tasks] == [wanted] and second.cursor is None
+    assert len(await ids(state, C1)) == len(others) + 1

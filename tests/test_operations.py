@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 import yaml
 
-from guillotina_amqp import names
+from guillotina_amqp import names, queues
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests.subprocess_worker import worker_config
@@ -263,3 +264,28 @@ async def test_command_workers_and_queues(container_requester, strict_worker, tm
         [names.delay_queue(queue), "0", "0"],
         [names.error_queue(queue), "0", "0"],
     ]
+
+
+async def test_a_requeue_stopped_half_way_loses_no_message(container_requester, strict_worker, monkeypatch):
+    async with container_requester as requester:
+        for n in range(3):
+            await TaskState(await call(requester, "fail", f"dead {n}")).join()
+    await wait_for(lambda: _error_queue_has(3), what="three dead letters")
+    await strict_worker.stop()  # requeued copies stay in the main queue to be counted
+
+    published = 0
+    publish = queues.Publisher.publish
+
+    async def failing_third(self, *args: Any, **kwargs: Any) -> None:
+        nonlocal published
+        if published == 2:
+            raise ConnectionError("the broker went away")
+        await publish(self, *args, **kwargs)
+        published += 1
+
+    monkeypatch.setattr(queues.Publisher, "publish", failing_third)
+    with pytest.raises(ConnectionError):
+        await queues.requeue(get_settings())
+    # the third dead letter, unacked, went back when the command's channel closed
+    await wait_for(lambda: _error_queue_has(1), what="the third dead letter back in the error queue")
+    assert (await queue_counts())[get_settings().queue] == 2

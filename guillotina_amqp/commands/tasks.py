@@ -43,6 +43,7 @@ class TasksCommand(Command):
         listing.add_argument(
             "--container", metavar="DB/CONTAINER", help="one container's tasks (from its index; else a scan)"
         )
+        listing.add_argument("--function", help="only tasks whose function contains this text")
         listing.add_argument("--limit", type=int, default=task_index.DEFAULT_LIMIT)
         for action, text in (("show", "a task's state"), ("cancel", "cancel a task"), ("retry", "re-run")):
             actions.add_parser(action, parents=[common], help=text).add_argument("task_id")
@@ -80,9 +81,10 @@ class TasksCommand(Command):
             if not db or not container:
                 raise Failure(f"--container {arguments.container!r}: give it as DB/CONTAINER")
             prefix = names.task_id_prefix(db, container)
-            found = (await task_index.page(manager, prefix, arguments.limit, None, arguments.status)).tasks
+            query = (arguments.limit, None, arguments.status, None, arguments.function)
+            found = (await task_index.page(manager, prefix, *query)).tasks
         else:
-            found = await _scan(arguments.status, arguments.limit)
+            found = await _scan(arguments.status, arguments.function, arguments.limit)
         _output(arguments, found, TASK_COLUMNS)
 
     async def do_show(self, arguments: argparse.Namespace) -> None:
@@ -162,7 +164,7 @@ async def _existing(task_id: str) -> dict[str, Any]:
         raise Failure(f"no task {task_id}") from None
 
 
-async def _scan(status: str | None, limit: int) -> list[dict[str, Any]]:
+async def _scan(status: str | None, function: str | None, limit: int) -> list[dict[str, Any]]:
     """Every state of the store, newest first (what --container avoids: it reads them all)."""
     manager = get_state_manager()
     ids = [task_id async for task_id in manager.list()]
@@ -170,8 +172,9 @@ async def _scan(status: str | None, limit: int) -> list[dict[str, Any]]:
     for start in range(0, len(ids), SCAN_BATCH):
         batch = ids[start : start + SCAN_BATCH]
         for task_id, (state, times) in zip(batch, await manager.index_entries(batch)):
-            if state and (status is None or state.get("status") == status):
-                found.append((state.get("updated") or 0, task_index.summary(task_id, state, times)))
+            task = task_index.summary(task_id, state, times) if state else None
+            if task and task_index.matches(task, status, function):
+                found.append((state.get("updated") or 0, task))
     found.sort(key=lambda pair: pair[0], reverse=True)
     return [task for _, task in found[:limit]]
 

@@ -112,6 +112,7 @@ async function loadTasks(reset) {
   const query = new URLSearchParams({ limit: "50" });
   if (cursor) query.set("cursor", cursor);
   if ($("#status-filter").value) query.set("status", $("#status-filter").value);
+  if ($("#function-filter").value.trim()) query.set("function", $("#function-filter").value.trim());
   const page = await api("GET", "@amqp-tasks?" + query);
   page.items.forEach(show);
   cursor = page.cursor;
@@ -121,7 +122,12 @@ async function loadTasks(reset) {
 
 $("#more").addEventListener("click", () => loadTasks(false));
 $("#status-filter").addEventListener("change", () => loadTasks(true));
-$("#function-filter").addEventListener("input", () => rows.forEach(render));
+let typing = null;
+$("#function-filter").addEventListener("input", () => {
+  rows.forEach(render); // at once on what is shown, then from the server
+  clearTimeout(typing);
+  typing = setTimeout(() => loadTasks(true).catch((error) => { $("#message").textContent = error.message; }), 300);
+});
 
 $("#tasks").addEventListener("click", async (event) => {
   const button = event.target.closest("button");
