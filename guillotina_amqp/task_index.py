@@ -110,15 +110,15 @@ def matches(task: dict[str, Any], status: str | None, function: str | None) -> b
 
 
 async def all_ids(manager: StateManager, container: str) -> list[str]:
-    """Every indexed id of the container, newest first (the unpaged listing of SPEC §7)."""
+    """Every id of the container whose state exists, newest first (the unpaged listing of SPEC §7)."""
     ids: list[str] = []
-    after: Position | None = None
+    cursor: str | None = None
     while True:
-        positions = await manager.index_page(container, None, after, MAX_LIMIT)
-        ids += [task_id for _, task_id in positions]
-        if len(positions) < MAX_LIMIT:
+        found = await page(manager, container, MAX_LIMIT, cursor)
+        ids += [task["task_id"] for task in found.tasks]
+        if found.cursor is None:
             return ids
-        after = positions[-1]
+        cursor = found.cursor
 
 
 def summary(task_id: str, state: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:

@@ -84,6 +84,7 @@ async def test_entries_whose_state_expired_are_skipped_and_dropped(state, manage
     kept = await schedule(state)
     await state.update(gone, {"status": TaskStatus.FINISHED}, ttl=1)
     await asyncio.sleep(1.5)  # the state's TTL (there is nothing to wait on)
+    assert await task_index.all_ids(state, C1) == [kept]  # the unpaged listing too
     assert await ids(state, C1) == [kept]
     assert [task_id for _, task_id in await state.index_page(C1, None, None, 10)] == [kept]
 
