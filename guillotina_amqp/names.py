@@ -84,11 +84,12 @@ META = "meta:"
 #: task states a container's index keeps a sorted set for
 INDEXED_STATUSES = ("scheduled", "running", "finished", "errored", "canceled")
 DONE_INDEXED = INDEXED_STATUSES[2:]
+UUID_LENGTH = len(str(uuid.UUID(int=0)))
 
 
 def container_of(task_id: str) -> str | None:
     """The task_id_prefix(...) a container task id was made with; None for other ids."""
-    prefix = task_id[: -len(str(uuid.UUID(int=0)))]
+    prefix = task_id[:-UUID_LENGTH]
     if task_id.startswith("task:") and in_container(task_id, prefix):
         return prefix
     return None

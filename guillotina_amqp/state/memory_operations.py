@@ -35,8 +35,10 @@ class MemoryOperations(Operations):
 
     async def index(self, task_id: str) -> None:
         container = names.container_of(task_id)
+        if container is None:
+            return
         status = (await self.get(task_id)).get("status")
-        if container is None or status not in names.INDEXED_STATUSES:
+        if status not in names.INDEXED_STATUSES:
             return
         if task_id in self._index.get((container, status), {}):
             return

@@ -1,7 +1,8 @@
 """The container index and worker presence kept in Redis (SPEC §13), one script per write.
 
 Keys (all under `<prefix>meta:`, see guillotina_amqp.names): `meta:index:all:<container>`
-and `meta:index:<status>:<container>` sorted sets, `meta:times:<task_id>` hashes,
+and `meta:index:<status>:<container>` sorted sets, `meta:times:<task_id>` hashes (when the task
+was created, started, ended, and which status is indexed),
 `meta:workers:<worker_id>` announcements with a TTL and the `meta:workers` sorted set
 naming them (so listing workers never scans the database).
 """
@@ -21,18 +22,27 @@ T = TypeVar("T")
 # KEYS: all, the five status sets (names.INDEXED_STATUSES order), times, state.
 # ARGV: task id, now, state ttl, channel.
 # Indexes the status the state holds now, so it can run right after any transition (in the
-# same pipeline); a status already indexed changes nothing. An entry of `all` keeps its
-# creation time; status sets hold the time of the transition.
+# same pipeline); a status already indexed (the times hash remembers which) changes nothing.
+# An entry of `all` keeps its creation time; status sets hold the time of the transition.
 INDEX = """
 local raw = redis.call('HGET', KEYS[8], 'status')
 if not raw then return 0 end
 local status = cjson.decode(raw)
-local slot = ({scheduled = 2, running = 3, finished = 4, errored = 5, canceled = 6})[status]
-if not slot or redis.call('ZSCORE', KEYS[slot], ARGV[1]) then return 0 end
+local slots = {scheduled = 2, running = 3, finished = 4, errored = 5, canceled = 6}
+local slot = slots[status]
+local previous = redis.call('HGET', KEYS[7], 'status')
+if not slot or previous == status then return 0 end
 local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
-for i = 2, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+if previous and slots[previous] then redis.call('ZREM', KEYS[slots[previous]], ARGV[1]) end
 redis.call('ZADD', KEYS[slot], now, ARGV[1])
+redis.call('EXPIRE', KEYS[slot], 2 * ttl)
+if redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1]) == 1 then
+  -- a state lives state_ttl after its last transition: older entries have no state left
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
+  redis.call('EXPIRE', KEYS[1], 2 * ttl)
+end
+if slot >= 4 then redis.call('ZREMRANGEBYSCORE', KEYS[slot], '-inf', now - ttl) end
+redis.call('HSET', KEYS[7], 'status', status)
 redis.call('HSETNX', KEYS[7], 'created', now)
 if status == 'scheduled' then
   redis.call('HDEL', KEYS[7], 'started', 'ended')
@@ -42,10 +52,7 @@ elseif status == 'running' then
 else
   redis.call('HSET', KEYS[7], 'ended', now)
 end
--- a state lives state_ttl after its last transition: older entries have no state left
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
-for i = 4, 6 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - ttl) end
-for i = 1, 7 do redis.call('EXPIRE', KEYS[i], 2 * ttl) end
+redis.call('EXPIRE', KEYS[7], 2 * ttl)
 redis.call('PUBLISH', ARGV[4], status)
 return 1
 """
@@ -136,7 +143,7 @@ class RedisOperations(Operations):
         return [
             (
                 {key.decode(): orjson.loads(value) for key, value in state.items()},
-                {key.decode(): float(value) for key, value in times.items()},
+                {key.decode(): float(value) for key, value in times.items() if key != b"status"},
             )
             for state, times in zip(replies[::2], replies[1::2])
         ]
