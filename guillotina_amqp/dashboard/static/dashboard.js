@@ -64,7 +64,11 @@ function render(entry) {
   const elapsed = (Date.now() - received) / 1000;
   const live = task.status === "running" || task.status === "scheduled";
   row.dataset.status = task.status;
-  row.querySelector(".status").innerHTML = `<span class="badge ${task.status}">${task.status}</span>`;
+  const badge = row.querySelector(".status");
+  if (badge.dataset.status !== task.status) {
+    badge.dataset.status = task.status;
+    badge.innerHTML = `<span class="badge ${escape(task.status)}">${escape(task.status)}</span>`;
+  }
   cell(row, "function", task.function || "–");
   cell(row, "age", seconds(task.age === null ? null : task.age + elapsed));
   const running = task.status === "running" && task.duration !== null;
