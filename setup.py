@@ -21,6 +21,8 @@ test_requires = [
     "psycopg2-binary",
     "prometheus-client",
     "openapi-spec-validator==0.8.4",
+    # browser tests of the dashboard drive the OS Chromium (apt-get install chromium): no browser download
+    "playwright",
     # tooling
     "ruff",
     "mypy",
@@ -44,6 +46,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]),
     include_package_data=True,
+    package_data={"guillotina_amqp.dashboard": ["static/*"]},
     zip_safe=False,
     install_requires=[
         "guillotina>=7.1.5,<8",

@@ -22,12 +22,16 @@ __all__ = ["add_http_task", "add_object_task", "add_task", "cancel_task", "objec
 app_settings: dict[str, Any] = {
     "amqp": copy.deepcopy(DEFAULTS),
     "redis_prefix_key": AMQPSettings.redis_prefix_key,
-    "commands": {"amqp-worker": "guillotina_amqp.commands.worker.WorkerCommand"},
+    "commands": {
+        "amqp-worker": "guillotina_amqp.commands.worker.WorkerCommand",
+        "amqp-tasks": "guillotina_amqp.commands.tasks.TasksCommand",
+    },
 }
 
 
 def includeme(root: Any, settings: dict[str, Any]) -> None:
     configure.scan("guillotina_amqp.permissions")
     configure.scan("guillotina_amqp.api")
+    configure.scan("guillotina_amqp.dashboard")
     configure.scan("guillotina_amqp.state.memory")
     configure.scan("guillotina_amqp.state.redis")

@@ -1,4 +1,4 @@
-"""REST services on containers: list, read and cancel tasks (SPEC §7)."""
+"""REST services on containers: list, read, cancel and retry tasks; workers and queues (SPEC §7, §13)."""
 
 from typing import Any, Callable, TypeVar
 
@@ -6,12 +6,15 @@ from guillotina import configure, task_vars
 from guillotina.api.service import Service
 from guillotina.component import get_utility
 from guillotina.interfaces import IApplication, IContainer, IDatabase
-from guillotina.response import HTTPNotFound
+from guillotina.response import HTTPBadRequest, HTTPConflict, HTTPNotFound
 from guillotina.utils import get_authenticated_user, get_security_policy
 
+from guillotina_amqp import queues, task_index
 from guillotina_amqp.message import public_headers
 from guillotina_amqp.names import in_container, task_id_prefix
-from guillotina_amqp.state import TaskState, get_state_manager
+from guillotina_amqp.retry import RetryRefused, retry_task
+from guillotina_amqp.settings import get_settings
+from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 
 NOT_FOUND = {"reason": "Task not found"}
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -23,16 +26,21 @@ def _service(method: str, name: str, alias: str, summary: str) -> Callable[[Hand
     def register(handler: Handler) -> Handler:
         deprecated = f"Deprecated alias of {method} {name}"
         for service_name, text in ((name, summary), (alias, deprecated)):
-            configure.service(
-                context=IContainer,
-                method=method,
-                name=service_name,
-                permission="guillotina.ManageAMQP",
-                summary=text,
-            )(handler)
+            container_service(method, service_name, text)(handler)
         return handler
 
     return register
+
+
+def container_service(method: str, name: str, summary: str, **extra: Any) -> Callable[[Handler], Handler]:
+    """Register a service on containers, with guillotina.ManageAMQP unless `extra` says otherwise."""
+    return configure.service(
+        context=IContainer,
+        method=method,
+        name=name,
+        **{"permission": "guillotina.ManageAMQP", **extra},
+        summary=summary,
+    )
 
 
 def _container_prefix(context: Any) -> str:
@@ -55,7 +63,10 @@ def _lookalike_prefix(prefix: str) -> bool:
 
 async def _owned(task_id: str, context: Any) -> bool:
     """Ownership told by the state itself (the stored message), for ambiguous prefixes."""
-    state = await get_state_manager().get(task_id)
+    return _owns(await get_state_manager().get(task_id), context)
+
+
+def _owns(state: dict, context: Any) -> bool:
     job_data = state.get("job_data") or state
     db = task_vars.db.get()
     return job_data.get("db_id") == getattr(db, "id", None) and job_data.get("container_id") == context.id
@@ -76,13 +87,43 @@ class TaskService(Service):
         return TaskState(task_id)
 
 
-@_service("GET", "@amqp-tasks", "@amqp-info", "List the ids of this container's tasks")
-async def list_tasks(context: Any, request: Any) -> list[str]:
+@_service(
+    "GET",
+    "@amqp-tasks",
+    "@amqp-info",
+    "This container's task ids, newest first; with ?limit=, ?cursor= or ?status=, "
+    "a page of task summaries and the cursor of the next page",
+)
+async def list_tasks(context: Any, request: Any) -> Any:
     prefix = _container_prefix(context)
-    found = [task_id async for task_id in get_state_manager().list(prefix) if in_container(task_id, prefix)]
+    manager = get_state_manager()
+    owned: task_index.Owned | None = None
     if _lookalike_prefix(prefix):
-        found = [task_id for task_id in found if await _owned(task_id, context)]
-    return found
+
+        async def owned_here(task_id: str, state: dict) -> bool:
+            return _owns(state, context)
+
+        owned = owned_here
+    query = request.query
+    if not any(key in query for key in ("limit", "cursor", "status", "function")):
+        found = await task_index.all_ids(manager, prefix)
+        if owned is not None:
+            found = [task_id for task_id in found if await _owned(task_id, context)]
+        return found
+    try:
+        limit = task_index.check_query(query.get("limit"), query.get("status"))
+        page = await task_index.page(
+            manager,
+            prefix,
+            limit,
+            query.get("cursor"),
+            query.get("status"),
+            owned,
+            query.get("function") or None,
+        )
+    except ValueError as exc:
+        raise HTTPBadRequest(content={"reason": str(exc)})
+    return page.as_json()
 
 
 @_service(
@@ -112,6 +153,48 @@ def can_debug_amqp(context: Any = None) -> bool:
 class CancelTask(TaskService):
     async def __call__(self) -> bool:
         return await (await self.task_state()).cancel()
+
+
+@container_service(
+    "POST",
+    "@amqp-tasks/{task_id}/retry",
+    "Run an errored or canceled task again under its id (409 with a reason otherwise)",
+)
+class RetryTask(TaskService):
+    async def __call__(self) -> dict[str, Any]:
+        task = await self.task_state()
+        try:
+            await retry_task(task.task_id)
+        except RetryRefused as exc:
+            raise HTTPConflict(content={"reason": str(exc)})
+        # what the retry did (by the time of this answer a worker may have run it already)
+        return {"task_id": task.task_id, "status": TaskStatus.SCHEDULED}
+
+
+@container_service(
+    "GET", "@amqp-workers", "Live workers, their load and which of this container's tasks they run"
+)
+async def list_workers(context: Any, request: Any) -> list[dict[str, Any]]:
+    prefix = _container_prefix(context)
+    found = []
+    for worker in await get_state_manager().workers():
+        running = worker.get("running") or []
+        # a worker serves every container: name only this container's tasks
+        worker["running"] = [task for task in running if in_container(task["task_id"], prefix)]
+        worker["running_total"] = len(running)
+        found.append(worker)
+    return sorted(found, key=lambda worker: worker.get("started") or 0)
+
+
+@container_service(
+    "GET",
+    "@amqp-queues",
+    "Messages waiting in the main, delay and error queues, and tasks ended over the last hour",
+)
+async def list_queues(context: Any, request: Any) -> dict[str, Any]:
+    depths = await queues.depths(get_settings())
+    chart = await task_index.throughput(get_state_manager(), _container_prefix(context))
+    return {"queues": depths, "throughput": chart}
 
 
 def _redacted(job_data: dict) -> dict:

@@ -40,6 +40,11 @@ from guillotina_amqp.task_vars import amqp_job
 logger = logging.getLogger("guillotina_amqp")
 
 
+def dotted_name_of(message: dict) -> str:
+    """The function of a task message as metrics, logs and the dashboard show it."""
+    return task_name(message.get("func") or "", message.get("args") or ())
+
+
 class Outcome(enum.Enum):
     FINISHED = "finished"
     ERRORED = "errored"

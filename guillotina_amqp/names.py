@@ -218,3 +218,46 @@ def cancel_key(prefix: str) -> str:
 def done_channel(prefix: str, task_id: str) -> str:
     """Pub/sub channel told whenever the task's status changes."""
     return f"{prefix}changed:{task_id}"
+
+
+# Operations bookkeeping (SPEC §13) lives under `<prefix>meta:`, a word no task id can start with.
+META = "meta:"
+#: task states a container's index keeps a sorted set for
+INDEXED_STATUSES = ("scheduled", "running", "finished", "errored", "canceled")
+DONE_INDEXED = INDEXED_STATUSES[2:]
+UUID_LENGTH = len(str(uuid.UUID(int=0)))
+
+
+def container_of(task_id: str) -> str | None:
+    """The task_id_prefix(...) a container task id was made with; None for other ids."""
+    prefix = task_id[:-UUID_LENGTH]
+    if task_id.startswith("task:") and in_container(task_id, prefix):
+        return prefix
+    return None
+
+
+def index_key(prefix: str, container: str, status: str | None = None) -> str:
+    """Sorted set of a container's task ids: all of them by creation time, or one status's by
+    the time they reached it."""
+    return f"{prefix}{META}index:{status or 'all'}:{container}"
+
+
+def times_key(prefix: str, task_id: str) -> str:
+    """Hash of when a task was created, started and ended (epoch seconds)."""
+    return f"{prefix}{META}times:{task_id}"
+
+
+def worker_key(prefix: str, worker_id: str) -> str:
+    """What a live worker announces about itself (expires unless refreshed)."""
+    return f"{prefix}{META}workers:{worker_id}"
+
+
+def workers_key(prefix: str) -> str:
+    """Sorted set of announced worker ids scored by when their announcement expires."""
+    return f"{prefix}{META}workers"
+
+
+def changed_pattern(prefix: str, container: str) -> str:
+    """Pub/sub pattern matching done_channel(...) of every task of one container."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in container)
+    return f"{prefix}changed:{escaped}*"

@@ -137,7 +137,8 @@ async def add_task(
     if not config.eager:
         await _publish(body, config, queue, timing.wait_ms(eta), _retries)
     waiting = {"eta": eta} if eta is not None else {}
-    await get_state_manager().create(task_id, initial_state(run) | waiting)
+    # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
+    await get_state_manager().create(task_id, initial_state(run) | waiting | {"job_data": message})
     await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
     if config.eager:
         await eager.run(body, config)

@@ -22,6 +22,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
+from guillotina_amqp.presence import Presence
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import AMQPSettings, get_settings
 from guillotina_amqp.state.manager import CANCELED, CLAIMED, DONE, LOCKED, get_state_manager
@@ -130,6 +131,7 @@ class Worker:
         self.beacon: liveness.Beacon | None = None
         self.activity: liveness.ActivityCheck | None = None
         self.probes_forwarded = 0
+        self.presence = Presence(self)
 
     @property
     def connection_name(self) -> str:
@@ -153,6 +155,7 @@ class Worker:
         await self.connection.keep(self._consume)
         self._background.append(asyncio.create_task(self._status_loop()))
         self._start_liveness()
+        await self.presence.announce()
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
@@ -265,6 +268,7 @@ class Worker:
         self.cancel()
         await asyncio.gather(*self._handlers, *self._background, return_exceptions=True)
         self._background.clear()
+        await self.presence.retire()
         if self.connection is not None:
             await self.connection.close()
 
@@ -566,6 +570,7 @@ class Worker:
                 logger.exception("Worker %s: status update failed", self.worker_id)
 
     async def update_status(self) -> None:
+        await self.presence.announce()
         running = list(self._running)
         if not running:
             return

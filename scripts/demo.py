@@ -1,7 +1,7 @@
 """`make run`: an API server and a worker from config.yaml, and one task through them end to end.
 
-Schedules `count_words` over REST, prints its final state, then keeps both
-processes serving until Ctrl-C.
+Schedules `count_words` over REST, prints its final state and the dashboard's URL, then
+keeps both processes serving until Ctrl-C.
 """
 
 import base64
@@ -75,14 +75,17 @@ def run_one_task() -> None:
             break
         time.sleep(0.1)
     print(">>> final state of the task:", json.dumps(state, indent=2), sep="\n", flush=True)
-    print(">>> API on http://127.0.0.1:8080 (root/root), worker running. Ctrl-C to stop.\n", flush=True)
+    print(">>> API on http://127.0.0.1:8080 (root/root), worker running. Ctrl-C to stop.", flush=True)
+    print(f">>> Dashboard: {API}/db/demo/@amqp-dashboard (log in as root/root)\n", flush=True)
 
 
 def main() -> None:
     ensure_database()
-    processes = [start("serve"), start("amqp-worker")]
+    processes = [start("serve")]
     try:
+        # the worker once the API answers: on a fresh database both would create its tables at once
         wait_for_api()
+        processes.append(start("amqp-worker"))
         run_one_task()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(process.poll() is None for process in processes):

@@ -9,7 +9,10 @@
 # installed with apt-get first (only when running as root). A service pointed at a
 # non-local host is only checked, never started.
 #
-# Usage: scripts/ensure-services.sh [rabbitmq] [redis] [postgresql]   (default: all three)
+# Chromium (the dashboard's browser tests drive the OS build, Playwright downloads none) is
+# installed with apt-get when missing, like a server.
+#
+# Usage: scripts/ensure-services.sh [rabbitmq] [redis] [postgresql] [chromium]   (default: all four)
 # Env:   ENSURE_SERVICES_TIMEOUT  seconds to wait for the ports (default 90)
 set -uo pipefail
 
@@ -122,14 +125,35 @@ ensure-services: $svc is not answering on $addr and its server is not installed.
 EOF
 }
 
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+        echo "chromium ok"
+        return 0
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt_install chromium; then
+        echo "chromium ok"
+        return 0
+    fi
+    log "chromium is missing and could not be installed (as root: apt-get install chromium)"
+    return 1
+}
+
 # ---------------------------------------------------------------- main
 if [ "$#" -gt 0 ]; then
-    SERVICES=("$@")
+    REQUESTED=("$@")
 else
-    SERVICES=(rabbitmq redis postgresql)
+    REQUESTED=(rabbitmq redis postgresql chromium)
 fi
 
 failed=0
+declare -a SERVICES=()
+for item in "${REQUESTED[@]}"; do
+    if [ "$item" = chromium ]; then
+        ensure_chromium || failed=1
+    else
+        SERVICES+=("$item")
+    fi
+done
 declare -a WAIT=()
 declare -A FRESH_INSTALL=()
 
@@ -137,7 +161,7 @@ for svc in "${SERVICES[@]}"; do
     case "$svc" in
         rabbitmq | redis | postgresql) ;;
         *)
-            log "unknown service '$svc' (known: rabbitmq redis postgresql)"
+            log "unknown service '$svc' (known: rabbitmq redis postgresql chromium)"
             exit 2
             ;;
     esac

@@ -184,13 +184,18 @@ async def create_item(item_id: str, title: str) -> str:
     return item.id
 
 
+async def until_exists(path: str, seconds: float = 60) -> None:
+    """Wait until the file `path` exists (the test says go), for `seconds` at most."""
+    for _ in range(int(seconds / 0.05)):
+        if os.path.exists(path):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def wait_then_log(path: str) -> Any:
     """Logs one event, waits until `path` exists (the test says go), logs another."""
     yield (MessageType.DEBUG, "first")
-    for _ in range(1200):
-        if os.path.exists(path):
-            break
-        await asyncio.sleep(0.05)
+    await until_exists(path)
     yield (MessageType.DEBUG, "second")
     yield (MessageType.RESULT, "done")
 
@@ -285,10 +290,7 @@ async def sleep_then_mark_pid(path: str, seconds: float) -> int:
 async def fail_when_told(path: str, go: str) -> None:
     """Logs a run in `path`, waits until the file `go` exists (the test says when), then fails."""
     await write_marker(path, "started")
-    for _ in range(1200):
-        if os.path.exists(go):
-            break
-        await asyncio.sleep(0.05)
+    await until_exists(go)
     raise RuntimeError("failing when told")
 
 
@@ -468,3 +470,36 @@ async def stamp(path: str = "") -> float:
     if path:
         await write_marker(path)
     return time.time()
+
+
+# -- operations tests: the dashboard and `g amqp-tasks` (tests/test_operations.py, test_dashboard.py) --
+
+
+async def until_file(go: str, fail: bool = False) -> Any:
+    """Reports progress, waits until the file `go` exists, then ends (or fails if told to)."""
+    yield (MessageType.DEBUG, "waiting for the go")
+    await until_exists(go, 120)
+    yield (MessageType.DEBUG, "got the go")
+    if fail:
+        raise RuntimeError("failing as told")
+    yield (MessageType.RESULT, "done")
+
+
+async def fail_unless_file(go: str) -> str:
+    """Fails until the file `go` exists: a task an operator retries once the cause is fixed."""
+    if not os.path.exists(go):
+        raise RuntimeError(f"{go} is missing")
+    return "fixed"
+
+
+@configure.service(
+    context=IContainer, method="POST", name="@test-call", permission="guillotina.AccessContent"
+)
+async def schedule_call(context: Any, request: Any) -> dict:
+    """Schedules tests.app.<func>(*args) in this container (func one of CALLABLE)."""
+    body = await request.json()
+    state = await add_task(CALLABLE[body["func"]], *body.get("args", []))
+    return {"task_id": state.task_id}
+
+
+CALLABLE = {"until_file": until_file, "fail_unless_file": fail_unless_file, "noop": noop, "fail": fail}

@@ -73,8 +73,11 @@ async def publish_raw(body: bytes, headers: dict | None = None, routing_key: str
 
 
 @contextlib.asynccontextmanager
-async def running_worker(**kwargs: Any):
+async def running_worker(no_retries: bool = False, **kwargs: Any):
+    """A started worker; `no_retries`: a failed task goes to the error queue at once."""
     worker = Worker(**kwargs)
+    if no_retries:
+        worker.max_task_retries = 0
     await worker.start()
     try:
         yield worker

@@ -17,6 +17,7 @@ from guillotina_amqp.exceptions import StateManagerUnavailable
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import get_settings
+from guillotina_amqp.state.operations import Operations
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
@@ -87,8 +88,9 @@ class Watch:
 
 
 @implementer(IStateManagerUtility)
-class StateManager(abc.ABC):
-    """SPEC §5 plus the atomic steps the worker's hot path needs (one round trip each)."""
+class StateManager(Operations, abc.ABC):
+    """SPEC §5 plus the atomic steps the worker's hot path needs (one round trip each),
+    and the operations' index and presence (SPEC §13)."""
 
     def __init__(self) -> None:
         self.worker_id = uuid.uuid4().hex

@@ -22,6 +22,7 @@ from guillotina_amqp.state.manager import (
     initial_state,
     is_valid_task_id,
 )
+from guillotina_amqp.state.memory_operations import MemoryOperations
 from guillotina_amqp.state.status import DONE_STATUSES, TaskStatus
 
 
@@ -60,7 +61,7 @@ class _Expiring(dict):
 
 
 @configure.utility(provides=IStateManagerUtility, name="memory")
-class MemoryStateManager(StateManager):
+class MemoryStateManager(MemoryOperations, StateManager):
     def __init__(self) -> None:
         super().__init__()
         self._states = _Expiring()
@@ -81,6 +82,8 @@ class MemoryStateManager(StateManager):
         state = _decoded(self._states.merge(task_id, fields, ttl))
         if "status" in data:
             self._changed(task_id)
+        if "eventlog" in data and "status" not in data:
+            self.notify(task_id)  # progress, live on the dashboard
         return state
 
     def _run_of(self, task_id: str) -> str | None:
@@ -99,9 +102,13 @@ class MemoryStateManager(StateManager):
                 return False
             del self._states[task_id]  # an earlier run of a reused id: this one starts anew
         self._merge(task_id, data, None)
+        await self.index(task_id)
         return True
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
+        return await self._indexed(self._claim(task_id, job_data, lock_ttl, owner), task_id)
+
+    async def _claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None) -> Claim:
         run = job_data.get("run", "")
         current = self._run_of(task_id)
         if current is not None and current > run:
@@ -145,6 +152,7 @@ class MemoryStateManager(StateManager):
         ):
             return False  # another run owns the state now: leave it alone
         self._merge(task_id, data, ttl or None)  # no ttl keeps the current expiry, as in Redis
+        await self.index(task_id)
         return True
 
     async def append_event(self, task_id: str, entry: list, limit: int) -> None:
@@ -154,6 +162,7 @@ class MemoryStateManager(StateManager):
         events = fields.setdefault("eventlog", [])
         events.append(orjson.dumps(entry))
         del events[:-limit]
+        self.notify(task_id)  # progress, live on the dashboard
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         return {task_id for task_id in task_ids if task_id in self._canceled}
@@ -181,6 +190,7 @@ class MemoryStateManager(StateManager):
         if ttl is None and self._states.live(task_id) is None:
             ttl = self.state_ttl  # a state made by update() alone expires like an ended one
         self._merge(task_id, data, ttl)
+        await self.index(task_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         if not is_valid_task_id(task_id):

@@ -40,6 +40,8 @@ from guillotina_amqp.state.manager import (
     is_valid_task_id,
     legacy_state,
 )
+from guillotina_amqp.state.redis_operations import SCRIPTS as OPERATIONS_SCRIPTS
+from guillotina_amqp.state.redis_operations import RedisOperations
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
@@ -168,13 +170,14 @@ return {'written'}
 """
 )
 
-# KEYS: state, eventlog. ARGV: max entries, entry. The list follows the state's expiry.
+# KEYS: state, eventlog. ARGV: max entries, entry, channel. The list follows the state's expiry.
 APPEND_EVENT = (
     KIND
     + """
 if kind == 'none' then return {'missing'} end
 redis.call('HSETNX', KEYS[1], 'eventlog', '[]')
 redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'progress')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('PERSIST', KEYS[2]) end
@@ -383,7 +386,7 @@ class _Notifier:
 
 
 @configure.utility(provides=IStateManagerUtility, name="redis")
-class RedisStateManager(StateManager):
+class RedisStateManager(RedisOperations, StateManager):
     def __init__(self) -> None:
         super().__init__()
         self._client: Redis | None = None
@@ -398,7 +401,7 @@ class RedisStateManager(StateManager):
     async def client(self) -> Redis:
         if self._client is None:
             self._client = await redis_client.shared_client()
-            for name, source in SCRIPTS.items():
+            for name, source in {**SCRIPTS, **OPERATIONS_SCRIPTS}.items():
                 self._scripts[name] = self._client.register_script(source)
         return self._client
 
@@ -449,7 +452,9 @@ class RedisStateManager(StateManager):
         check_task_id(task_id)
         prefix = self.prefix
         args = [names.done_channel(prefix, task_id), orjson.dumps(data.get("run", "")), *_fields(data)]
-        found = await self._transition("create", task_id, self._state_keys(task_id, prefix), args)
+        found = await self._indexed(
+            self._transition("create", task_id, self._state_keys(task_id, prefix), args), task_id
+        )
         return found[0] == "created"
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
@@ -463,7 +468,7 @@ class RedisStateManager(StateManager):
         args += [len(initial) // 2, *initial, *running]
         state, events = self._state_keys(task_id, prefix)
         keys = [state, names.lock_key(prefix, task_id), names.cancel_key(prefix), events]
-        found = await self._transition("claim", task_id, keys, args)
+        found = await self._indexed(self._transition("claim", task_id, keys, args), task_id)
         detail = orjson.loads(found[1]) if len(found) > 1 and found[1] is not None else None
         if found[0] == CLAIMED:
             return Claim(CLAIMED, detail or 0)
@@ -483,11 +488,13 @@ class RedisStateManager(StateManager):
         args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id)]
         args += [orjson.dumps(run) if run is not None else "", "open" if only_open else "", *_fields(data)]
         keys = [state, names.lock_key(prefix, task_id), events]
-        return (await self._transition("finish", task_id, keys, args))[0] == "written"
+        found = await self._indexed(self._transition("finish", task_id, keys, args), task_id)
+        return found[0] == "written"
 
     async def append_event(self, task_id: str, entry: list, limit: int) -> None:
         keys = self._state_keys(task_id)
-        await self._transition("append_event", task_id, keys, [limit, orjson.dumps(entry)])
+        channel = names.done_channel(self.prefix, task_id)  # progress shows live on the dashboard
+        await self._transition("append_event", task_id, keys, [limit, orjson.dumps(entry), channel])
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
@@ -543,9 +550,12 @@ class RedisStateManager(StateManager):
         entries = [orjson.dumps(entry) for entry in eventlog or ()]
         prefix = self.prefix
         args = [ttl or 0, self.state_ttl, names.done_channel(prefix, task_id)]
-        args += ["publish" if "status" in data else "", "replace" if eventlog is not None else ""]
+        publish = "status" in data or eventlog is not None  # progress too, live on the dashboard
+        args += ["publish" if publish else "", "replace" if eventlog is not None else ""]
         args += [len(pairs) // 2, *pairs, *entries]
         await self._transition("update", task_id, self._state_keys(task_id, prefix), args)
+        if "status" in data:
+            await self.index(task_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         if not is_valid_task_id(task_id):

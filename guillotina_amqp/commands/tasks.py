@@ -1,0 +1,211 @@
+"""`g amqp-tasks`: tasks, workers, queues and dead letters from the command line (SPEC §13).
+
+Aligned text tables for people, `--json` for scripts. An unknown id or a refused
+operation exits 1 with a one-line reason on stderr. Put `-c config.yaml` before the action.
+"""
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from guillotina.commands import Command
+
+from guillotina_amqp import names, queues, task_index
+from guillotina_amqp.exceptions import TaskNotFoundException
+from guillotina_amqp.retry import RetryRefused, retry_task
+from guillotina_amqp.settings import get_settings
+from guillotina_amqp.state import TaskState, get_state_manager
+
+TASK_COLUMNS = ("task_id", "status", "function", "age", "duration", "retries", "progress")
+#: states read per round trip when listing without --container (a scan of every state)
+SCAN_BATCH = 500
+
+
+class Failure(Exception):
+    """Ends the command with exit code 1 and this one-line reason."""
+
+
+class TasksCommand(Command):
+    description = "Inspect and operate guillotina_amqp tasks, workers, queues and dead letters"
+    exit_code = 0
+
+    def get_parser(self) -> argparse.ArgumentParser:
+        parser = super().get_parser()
+        parser.add_argument("command", help=argparse.SUPPRESS)  # "amqp-tasks" itself
+        parser.add_argument("--json", action="store_true", help="JSON output for scripts")
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
+        actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        listing = actions.add_parser("list", parents=[common], help="tasks, newest first")
+        listing.add_argument("--status", choices=names.INDEXED_STATUSES)
+        listing.add_argument(
+            "--container", metavar="DB/CONTAINER", help="one container's tasks (from its index; else a scan)"
+        )
+        listing.add_argument("--function", help="only tasks whose function contains this text")
+        listing.add_argument("--limit", type=int, default=task_index.DEFAULT_LIMIT)
+        for action, text in (("show", "a task's state"), ("cancel", "cancel a task"), ("retry", "re-run")):
+            actions.add_parser(action, parents=[common], help=text).add_argument("task_id")
+        letters = actions.add_parser("dead-letters", help="the error queue")
+        letter_actions = letters.add_subparsers(dest="letters_action", required=True, metavar="ACTION")
+        letter_actions.add_parser("list", parents=[common], help="messages in the error queue")
+        requeue = letter_actions.add_parser("requeue", parents=[common], help="back into the main queue")
+        which = requeue.add_mutually_exclusive_group(required=True)
+        which.add_argument("--all", action="store_true", help="every dead letter")
+        which.add_argument("task_id", nargs="?", help="the dead letter of this task")
+        letter_actions.add_parser("purge", parents=[common], help="drop every dead letter")
+        actions.add_parser("workers", parents=[common], help="live workers and their load")
+        actions.add_parser("queues", parents=[common], help="messages waiting per queue")
+        return parser
+
+    def run_command(self, settings: Any = None, loop: Any = None) -> None:
+        super().run_command(settings=settings, loop=loop)
+        sys.exit(self.exit_code)
+
+    async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
+        action = arguments.action
+        if action == "dead-letters":
+            action = f"letters_{arguments.letters_action}"
+        try:
+            await getattr(self, f"do_{action}".replace("-", "_"))(arguments)
+        except (Failure, RetryRefused) as exc:
+            print(f"amqp-tasks: {exc}", file=sys.stderr)
+            self.exit_code = 1
+
+    # -- tasks ------------------------------------------------------------------
+    async def do_list(self, arguments: argparse.Namespace) -> None:
+        manager = get_state_manager()
+        if arguments.container:
+            db, _, container = arguments.container.partition("/")
+            if not db or not container:
+                raise Failure(f"--container {arguments.container!r}: give it as DB/CONTAINER")
+            prefix = names.task_id_prefix(db, container)
+            query = (arguments.limit, None, arguments.status, None, arguments.function)
+            found = (await task_index.page(manager, prefix, *query)).tasks
+        else:
+            found = await _scan(arguments.status, arguments.function, arguments.limit)
+        _output(arguments, found, TASK_COLUMNS)
+
+    async def do_show(self, arguments: argparse.Namespace) -> None:
+        state = await _existing(arguments.task_id)
+        if arguments.json:
+            print(json.dumps(state, indent=2, default=str))
+            return
+        width = max(len(key) for key in state)
+        for key, value in sorted(state.items()):
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            print(f"{key.ljust(width)}  {text}")
+
+    async def do_cancel(self, arguments: argparse.Namespace) -> None:
+        state = await _existing(arguments.task_id)
+        await TaskState(arguments.task_id).cancel()
+        _say(arguments, {"task_id": arguments.task_id, "canceled": True, "status": state.get("status")})
+
+    async def do_retry(self, arguments: argparse.Namespace) -> None:
+        await _existing(arguments.task_id)
+        await retry_task(arguments.task_id)
+        _say(arguments, {"task_id": arguments.task_id, "status": "scheduled"})
+
+    # -- workers and queues -----------------------------------------------------------
+    async def do_workers(self, arguments: argparse.Namespace) -> None:
+        found = await get_state_manager().workers()
+        rows = [
+            {
+                **worker,
+                "running": f"{len(worker.get('running') or [])}/{worker.get('max_running')}",
+                "seen": _seconds(time.time() - worker.get("seen", time.time())) + " ago",
+            }
+            for worker in found
+        ]
+        columns = ("worker_id", "host", "pid", "queue", "running", "total_run", "total_errored", "seen")
+        _output(arguments, found if arguments.json else rows, columns)
+
+    async def do_queues(self, arguments: argparse.Namespace) -> None:
+        _output(arguments, await queues.depths(get_settings()), ("queue", "messages", "consumers"))
+
+    # -- the error queue ----------------------------------------------------------
+    async def do_letters_list(self, arguments: argparse.Namespace) -> None:
+        found = [letter.describe() for letter in await queues.dead_letters(get_settings())]
+        if arguments.json:
+            _output(arguments, found, ())
+        else:
+            _output(arguments, found, ("task_id", "function", "reason"))
+
+    async def do_letters_requeue(self, arguments: argparse.Namespace) -> None:
+        settings = get_settings()
+        error_queue = names.error_queue(settings.queue)
+        moved = await queues.requeue(settings, None if arguments.all else arguments.task_id)
+        if not moved and arguments.all:
+            _say(
+                arguments,
+                {"requeued": 0, "text": f"the error queue {error_queue} is empty: nothing to requeue"},
+            )
+            return
+        if not moved:
+            raise Failure(f"no dead letter of task {arguments.task_id} in {error_queue}")
+        ids = [letter.describe()["task_id"] for letter in moved]
+        _say(
+            arguments,
+            {"requeued": len(moved), "task_ids": ids, "text": f"requeued {len(moved)} into {settings.queue}"},
+        )
+
+    async def do_letters_purge(self, arguments: argparse.Namespace) -> None:
+        settings = get_settings()
+        count = await queues.purge(settings)
+        error_queue = names.error_queue(settings.queue)
+        _say(arguments, {"purged": count, "text": f"purged {count} messages from {error_queue}"})
+
+
+async def _existing(task_id: str) -> dict[str, Any]:
+    try:
+        return await TaskState(task_id).get_state()
+    except TaskNotFoundException:
+        raise Failure(f"no task {task_id}") from None
+
+
+async def _scan(status: str | None, function: str | None, limit: int) -> list[dict[str, Any]]:
+    """Every state of the store, newest first (what --container avoids: it reads them all)."""
+    manager = get_state_manager()
+    ids = [task_id async for task_id in manager.list()]
+    found = []
+    for start in range(0, len(ids), SCAN_BATCH):
+        batch = ids[start : start + SCAN_BATCH]
+        for task_id, (state, times) in zip(batch, await manager.index_entries(batch)):
+            task = task_index.summary(task_id, state, times) if state else None
+            if task and task_index.matches(task, status, function):
+                found.append((state.get("updated") or 0, task))
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    return [task for _, task in found[:limit]]
+
+
+def _seconds(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}s" if value < 60 else f"{value / 60:.1f}m" if value < 3600 else f"{value / 3600:.1f}h"
+
+
+def _cell(column: str, value: Any) -> str:
+    if column in ("age", "duration"):
+        return _seconds(value)
+    return "-" if value is None else str(value)
+
+
+def _output(arguments: argparse.Namespace, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """`rows` as JSON, or as a table aligned on its widest cells."""
+    if arguments.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = [[column.upper().replace("_", " ") for column in columns]]
+    table += [[_cell(column, row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def _say(arguments: argparse.Namespace, result: dict[str, Any]) -> None:
+    """One result: JSON for scripts, its text (or its fields) for people."""
+    if arguments.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
+    else:
+        print(result.get("text") or " ".join(f"{k}={v}" for k, v in result.items()))

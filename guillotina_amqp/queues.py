@@ -1,0 +1,138 @@
+"""The task queues as operators see them (SPEC §13): depths, and the error queue's dead letters.
+
+Depths come from passive declares (they never create a queue). Dead letters are
+read with basic.get: listing hands every message back; requeueing moves one
+message at a time, acking the dead letter only once the main queue confirmed its
+copy, so stopping half way loses nothing (at worst one message is in both queues).
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import aioamqp
+from aioamqp.channel import Channel
+
+from guillotina_amqp import names
+from guillotina_amqp.connection import AMQPConnection
+from guillotina_amqp.message import SIGNATURE_HEADER
+from guillotina_amqp.publishing import Publisher
+from guillotina_amqp.settings import AMQPSettings
+
+#: headers a requeued copy goes without: the broker's dead-lettering record (it starts clean)
+#: and the old signature (the publisher signs it again with the current key)
+DROPPED_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        SIGNATURE_HEADER,
+    }
+)
+
+
+@dataclass
+class DeadLetter:
+    body: bytes
+    headers: dict[str, Any]
+    delivery_tag: int
+
+    def describe(self) -> dict[str, Any]:
+        """The message as JSON for people and scripts (its body decoded when it is JSON)."""
+        import orjson
+
+        try:
+            message: Any = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            message = self.body.decode("utf-8", "replace")
+        task = message if isinstance(message, dict) else {}
+        deaths = self.headers.get("x-death") or [{}]
+        return {
+            "task_id": task.get("task_id"),
+            "function": task.get("func"),
+            "reason": deaths[0].get("reason") if isinstance(deaths[0], dict) else None,
+            "message": message,
+        }
+
+
+@contextlib.asynccontextmanager
+async def _channel(settings: AMQPSettings) -> AsyncIterator[tuple[AMQPConnection, Channel]]:
+    connection = AMQPConnection(settings, name=f"guillotina_amqp operations ({settings.queue})")
+    await connection.open(max_time=10)
+    try:
+        yield connection, await connection.channel()
+    finally:
+        await connection.close()
+
+
+async def depths(settings: AMQPSettings) -> list[dict[str, Any]]:
+    """Messages waiting and consumers of the main, delay and error queues."""
+    found = []
+    async with _channel(settings) as (connection, channel):
+        for queue in names.topology(settings):
+            try:
+                reply = await channel.queue_declare(queue, passive=True)
+            except aioamqp.ChannelClosed:  # gone (deleted by hand): say so, look at the others
+                channel = await connection.channel()
+                found.append({"queue": queue, "messages": None, "consumers": None})
+                continue
+            found.append(
+                {"queue": queue, "messages": reply["message_count"], "consumers": reply["consumer_count"]}
+            )
+    return found
+
+
+async def _get(channel: Channel, queue: str) -> DeadLetter | None:
+    try:
+        reply = await channel.basic_get(queue, no_ack=False)
+    except aioamqp.EmptyQueue:
+        return None
+    headers = dict(getattr(reply["properties"], "headers", None) or {})
+    return DeadLetter(reply["message"], headers, reply["delivery_tag"])
+
+
+async def dead_letters(settings: AMQPSettings, limit: int = 100) -> list[DeadLetter]:
+    """Up to `limit` messages of the error queue, left in it (unacked, handed back on close)."""
+    found: list[DeadLetter] = []
+    async with _channel(settings) as (_, channel):
+        while len(found) < limit:
+            letter = await _get(channel, names.error_queue(settings.queue))
+            if letter is None:
+                break
+            found.append(letter)
+    return found
+
+
+async def requeue(settings: AMQPSettings, task_id: str | None = None) -> list[DeadLetter]:
+    """Move the error queue's messages (only `task_id`'s if given) back into the main queue.
+
+    Only the messages there when it starts: one that fails again and comes back is left
+    for the next requeue. Skipped messages stay unacked until the end, then go back.
+    """
+    moved: list[DeadLetter] = []
+    error_queue = names.error_queue(settings.queue)
+    async with _channel(settings) as (connection, channel):
+        waiting = (await channel.queue_declare(error_queue, passive=True))["message_count"]
+        publisher = Publisher(settings, connection)
+        for _ in range(waiting):
+            letter = await _get(channel, error_queue)
+            if letter is None:
+                break
+            if task_id is not None and letter.describe()["task_id"] != task_id:
+                continue
+            headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
+            await publisher.publish(letter.body, settings.queue, retries=0, headers=headers)
+            await channel.basic_client_ack(letter.delivery_tag)
+            moved.append(letter)
+    return moved
+
+
+async def purge(settings: AMQPSettings) -> int:
+    """Drop every message of the error queue; how many there were."""
+    async with _channel(settings) as (_, channel):
+        reply = await channel.queue_purge(names.error_queue(settings.queue))
+    return int(reply["message_count"])
