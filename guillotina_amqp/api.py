@@ -106,6 +106,7 @@ async def list_tasks(context: Any, request: Any) -> Any:
         owned = owned_here
     query = request.query
     if not any(key in query for key in ("limit", "cursor", "status", "function")):
+        await manager.adopt_legacy()  # the original's clients list states the original wrote
         found = await task_index.all_ids(manager, prefix)
         if owned is not None:
             found = [task_id for task_id in found if await _owned(task_id, context)]

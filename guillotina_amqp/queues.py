@@ -7,6 +7,7 @@ copy, so stopping half way loses nothing (at worst one message is in both queues
 """
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -18,6 +19,8 @@ from guillotina_amqp.connection import AMQPConnection
 from guillotina_amqp.message import SIGNATURE_HEADER
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import AMQPSettings
+from guillotina_amqp.state.manager import get_state_manager, is_valid_task_id
+from guillotina_amqp.state.status import TaskStatus
 
 #: headers a requeued copy goes without: the broker's dead-lettering record (it starts clean)
 #: and the old signature (the publisher signs it again with the current key)
@@ -125,10 +128,21 @@ async def requeue(settings: AMQPSettings, task_id: str | None = None) -> list[De
             if task_id is not None and letter.describe()["task_id"] != task_id:
                 continue
             headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
+            await _reopen(letter.describe()["message"])
             await publisher.publish(letter.body, settings.queue, retries=0, headers=headers)
             await channel.basic_client_ack(letter.delivery_tag)
             moved.append(letter)
     return moved
+
+
+async def _reopen(message: Any) -> None:
+    """A dead letter's run ended `errored`: make it runnable again, with a fresh retry budget
+    (only that run's state: a later run of the same id is left alone, and the copy skipped)."""
+    if not isinstance(message, dict) or not is_valid_task_id(message.get("task_id")):
+        return
+    run = message.get("run") if isinstance(message.get("run"), str) else ""
+    reopened = {"status": TaskStatus.SCHEDULED, "ended": None, "job_retries": 0, "updated": time.time()}
+    await get_state_manager().finish(message["task_id"], reopened, None, owner="", run=run)
 
 
 async def purge(settings: AMQPSettings) -> int:

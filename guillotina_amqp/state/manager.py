@@ -150,6 +150,9 @@ class StateManager(Operations, abc.ABC):
     async def finalize(self) -> None:
         """Drop connections and background listeners."""
 
+    async def adopt_legacy(self) -> None:
+        """Take over (and index) every state the original plugin left; a no-op where there is none."""
+
     # -- SPEC §5 ------------------------------------------------------------
     @abc.abstractmethod
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None: ...

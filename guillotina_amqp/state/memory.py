@@ -267,4 +267,4 @@ def _decoded(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ended(state: dict[str, Any]) -> bool:
-    return state.get("status") in DONE_STATUSES or "ended" in state
+    return state.get("status") in DONE_STATUSES or state.get("ended") is not None

@@ -61,7 +61,8 @@ RUN = """
 local function current_run() return redis.call('HGET', KEYS[1], 'run') or '""' end
 local function ended()
   local status = redis.call('HGET', KEYS[1], 'status')
-  return status == '"finished"' or status == '"canceled"' or redis.call('HEXISTS', KEYS[1], 'ended') == 1
+  local ended = redis.call('HGET', KEYS[1], 'ended')
+  return status == '"finished"' or status == '"canceled"' or (ended and ended ~= 'null')
 end
 """
 
@@ -393,6 +394,7 @@ class RedisStateManager(RedisOperations, StateManager):
         self._scripts: dict[str, Any] = {}
         self._notifier: _Notifier | None = None
         self._batch: _ScriptBatch | None = None
+        self._legacy_adopted = False
 
     @property
     def prefix(self) -> str:
@@ -437,6 +439,20 @@ class RedisStateManager(RedisOperations, StateManager):
         entries = [orjson.dumps(entry) for entry in state.pop("eventlog")]
         fields = _fields({**state, "eventlog": []})
         await self._run("take_over", keys, [found[1], len(fields) // 2, *fields, *entries])
+
+    async def adopt_legacy(self) -> None:
+        """Once per process: the original's JSON states become ours and enter the container
+        index, so the index-backed listing names them (one scan, the migration's only one)."""
+        if self._legacy_adopted:
+            return
+        client = await self.client()
+        base = self.prefix
+        async for key in client.scan_iter(match=_glob_escape(base) + "*", count=1000, _type="string"):
+            task_id = key.decode()[len(base) :]
+            if names.is_task_key(task_id) and is_valid_task_id(task_id):
+                await self._take_over(task_id)
+                await self.index(task_id)
+        self._legacy_adopted = True
 
     async def _call(self, command: Callable[[Redis], Awaitable[T]]) -> T:
         """`command(client)`, retried on transient errors."""

@@ -111,5 +111,5 @@ def _ended(state: dict[str, Any]) -> bool:
     """Stopped for good: an errored run of ours waiting for its retry has no `ended` yet
     (states of the original plugin carry no `run` and are taken as they are)."""
     if state.get("status") == TaskStatus.ERRORED and state.get("run"):
-        return "ended" in state
+        return state.get("ended") is not None
     return _stopped(state)
