@@ -214,9 +214,10 @@ class Worker:
         """
         assert self.connection is not None
         self._channel = await self.connection.channel()
-        await self._channel.basic_qos(prefetch_count=self.max_size)
-        if len(self.consumed) > 1:  # the limit above is per consumer: hold no more in all
-            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=True)
+        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+        # slot to the blocked queues in random order; per consumer, the acked queue always won
+        shared = len(self.consumed) > 1
+        await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
         self._consumer_cancelled = asyncio.Event()
         self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_tags = set()

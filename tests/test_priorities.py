@@ -80,3 +80,29 @@ async def test_a_retried_task_comes_back_with_its_priority(guillotina_main, tmp_
 
 async def _count_is(count: int) -> bool:
     return await waiting_with_priority() == count
+
+
+async def test_a_countdown_task_waits_then_keeps_its_priority(guillotina_main, tmp_path):
+    order = tmp_path / "order"
+    later = await add_task(app.write_marker, str(order), "high", _priority=9, _countdown=0.5)
+    low = [await add_task(app.write_marker, str(order), f"low{i}", _priority=1) for i in range(3)]
+    await wait_for(lambda: _count_is(4), what="the countdown task out of its delay tier")
+
+    async with running_worker(max_size=1):
+        await wait_for(lambda: finished([later, *low]), timeout=60, what="every task")
+
+    assert lines(order) == ["high", "low0", "low1", "low2"]
+
+
+async def test_tasks_without_priority_are_not_starved_by_prioritised_ones(guillotina_main, tmp_path):
+    """Both queues hold a backlog when a one-slot worker starts: freed slots go to either."""
+    order = tmp_path / "order"
+    plain = [await add_task(app.write_marker, str(order), "plain") for _ in range(20)]
+    urgent = [await add_task(app.write_marker, str(order), "urgent", _priority=9) for _ in range(20)]
+    await wait_for(lambda: _count_is(20), what="the prioritised tasks queued")
+
+    async with running_worker(max_size=1):
+        await wait_for(lambda: finished([*plain, *urgent]), timeout=120, what="every task")
+
+    done = lines(order)
+    assert "plain" in done[:20] and "urgent" in done[:20]
