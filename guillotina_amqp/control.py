@@ -1,6 +1,6 @@
 """Task control (SPEC §11): per-task options, checked where they are given, and the retry delay.
 
-`timeout` and `max_retries` are given on `@task(...)` and, with a leading underscore,
+`timeout`, `max_retries` and `priority` are given on `@task(...)` and, with a leading underscore,
 on `add_task(...)`; they travel as message fields of the same names. The call
 overrides the decorator, the decorator overrides the `amqp` settings.
 """
@@ -9,6 +9,7 @@ import math
 import random
 from typing import Any, Callable
 
+from guillotina_amqp import names
 from guillotina_amqp.settings import AMQPSettings
 
 
@@ -30,6 +31,17 @@ def check_max_retries(value: Any, name: str = "max_retries") -> int | None:
     return value
 
 
+def check_priority(value: Any, name: str = "priority") -> int | None:
+    """`value` as a task priority: None or an integer from 0 (lowest) to 9; else ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= names.MAX_PRIORITY:
+        raise ValueError(
+            f"{name} must be an integer from 0 to {names.MAX_PRIORITY} or None, not {_shown(value)}"
+        )
+    return value
+
+
 def _shown(value: Any) -> str:
     """A bad value as an error message shows it (a hostile message's value may be huge)."""
     text = repr(value)
@@ -37,7 +49,11 @@ def _shown(value: Any) -> str:
 
 
 #: The per-task options: the name on @task and in the message -> its check.
-OPTIONS: dict[str, Callable[[Any, str], Any]] = {"timeout": check_timeout, "max_retries": check_max_retries}
+OPTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "timeout": check_timeout,
+    "max_retries": check_max_retries,
+    "priority": check_priority,
+}
 
 
 def check_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -78,15 +78,34 @@ def delay_tier(
     }
 
 
+#: Priorities (SPEC §12): tasks given one wait in `<queue>-priority`, declared with
+#: x-max-priority (the original's queues keep their arguments), 0 lowest, 9 highest.
+PRIORITY_SUFFIX = "-priority"
+MAX_PRIORITY = 9
+
+
+def priority_queue(queue: str) -> str:
+    """The queue where the tasks of `queue` that were given a priority wait."""
+    return f"{queue}{PRIORITY_SUFFIX}"
+
+
+def is_priority_queue(queue: str) -> bool:
+    return queue.endswith(PRIORITY_SUFFIX)
+
+
 def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict[str, Any]]:
     """Queue name -> declaration arguments for the main, delay and error queues of `queue`
-    (default: amqp.queue); a named queue gets the same arguments as the default one."""
+    (default: amqp.queue); a named queue gets the same arguments as the default one, a
+    priority queue (priority_queue(...)) x-max-priority besides."""
     queue, exchange = queue or settings.queue, settings.exchange
+    main: dict[str, Any] = {
+        "x-dead-letter-exchange": exchange,
+        "x-dead-letter-routing-key": error_queue(queue),
+    }
+    if is_priority_queue(queue):
+        main["x-max-priority"] = MAX_PRIORITY
     queues: dict[str, dict[str, Any]] = {
-        queue: {
-            "x-dead-letter-exchange": exchange,
-            "x-dead-letter-routing-key": error_queue(queue),
-        },
+        queue: main,
         delay_queue(queue): {
             "x-dead-letter-exchange": exchange,
             "x-dead-letter-routing-key": queue,
@@ -116,8 +135,8 @@ def _quorum_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
 DEFAULT_QUEUE = "default"
 #: Named queues: these characters; no "amq." prefix (RabbitMQ reserves it).
 QUEUE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.:")
-#: RabbitMQ's limit is 255 bytes, and the name's delay, delay tier and error queues must fit it too.
-MAX_QUEUE_NAME_LENGTH = 255 - len("-delay-1661010000ms")
+#: RabbitMQ's limit is 255 bytes, and the name's priority queue and its delay tiers must fit it too.
+MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")
 
 
 def task_queue(name: Any, settings: AMQPSettings) -> str:
@@ -142,8 +161,8 @@ def check_queue_name(name: Any) -> str:
         raise ValueError(f"queue name {name!r} has characters outside [A-Za-z0-9-_.:]: {bad}")
     if name.startswith("amq."):
         raise ValueError(f"queue name {name!r}: RabbitMQ reserves names starting with 'amq.'")
-    if name.endswith(("-delay", "-error")) or "-delay-" in name:
-        raise ValueError(f"queue name {name!r} looks like a delay or error queue")
+    if name.endswith(("-delay", "-error", PRIORITY_SUFFIX)) or "-delay-" in name:
+        raise ValueError(f"queue name {name!r} looks like a delay, error or priority queue")
     return name
 
 

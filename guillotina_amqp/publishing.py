@@ -72,9 +72,16 @@ class Publisher:
         await (await self.connect()).add_queue(queue)
 
     async def publish(
-        self, body: bytes, routing_key: str, retries: int = 3, headers: dict | None = None
+        self,
+        body: bytes,
+        routing_key: str,
+        retries: int = 3,
+        headers: dict | None = None,
+        priority: int | None = None,
     ) -> None:
         """Publish `body` persistently to the exchange; return once RabbitMQ confirmed it.
+
+        `priority`: the message's AMQP priority (what a priority queue orders by).
 
         A closed connection or channel is replaced and the publish tried again, up to
         `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
@@ -83,6 +90,8 @@ class Publisher:
         published once more, else MessageNotRouted.
         """
         properties = self._properties(body, headers)
+        if priority is not None:
+            properties["priority"] = priority
         redeclared = False
         attempt = 0
         while True:

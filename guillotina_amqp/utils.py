@@ -79,6 +79,7 @@ async def add_task(
     _countdown: float | None = None,
     _eta: datetime | float | None = None,
     _queue: str | None = None,
+    _priority: int | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -94,7 +95,9 @@ async def add_task(
     = UTC, or an epoch second): the task does not start before then (it waits in the
     broker; state `scheduled` with `eta`; a past `_eta` runs now); `_queue`: publish
     to this named queue (its own `-delay` and `-error` queues are declared with it),
-    run by workers started with `--queue <name>`; None or "default" is amqp.queue.
+    run by workers started with `--queue <name>`; None or "default" is amqp.queue;
+    `_priority` (0 lowest to 9): the task waits in the queue's priority queue, where
+    higher priorities start first (README "Priorities").
     With `amqp.eager` the task runs here and now (SPEC §11), no broker involved.
     Without an `amqp` settings block, logs a warning and returns None.
 
@@ -102,10 +105,12 @@ async def add_task(
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
     id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
     `_timeout` that is not a positive number or a `_max_retries` below 0, for a bad
-    `_countdown`/`_eta`, and for a queue name RabbitMQ would refuse (names.task_queue).
+    `_countdown`/`_eta`, for a queue name RabbitMQ would refuse (names.task_queue), and
+    for a `_priority` outside 0..9 or with quorum queues (which have no priorities).
     Nothing is published then.
     """
-    options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
+    given = {"_timeout": _timeout, "_max_retries": _max_retries, "_priority": _priority}
+    options = control.check_options(given, prefix="_")
     eta = timing.start_at(_countdown, _eta)
     if eta is not None:
         options["eta"] = eta
@@ -119,6 +124,7 @@ async def add_task(
     container_id = getattr(container, "id", None)
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
     queue = task_queue(_queue, config)
+    _check_priority(config, options.get("priority"))
     run = messages.new_run()
     message = {
         **options,
@@ -135,7 +141,7 @@ async def add_task(
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
     body = messages.encode(message, config)
     if not config.eager:
-        await _publish(body, config, queue, timing.wait_ms(eta), _retries)
+        await _publish(body, config, queue, timing.wait_ms(eta), _retries, options.get("priority"))
     waiting = {"eta": eta} if eta is not None else {}
     # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
     await get_state_manager().create(task_id, initial_state(run) | waiting | {"job_data": message})
@@ -145,19 +151,33 @@ async def add_task(
     return TaskState(task_id)
 
 
+def _check_priority(config: settings.AMQPSettings, priority: int | None) -> None:
+    """ValueError for a priority with quorum queues: RabbitMQ 3.x refuses x-max-priority on them."""
+    if priority is not None and config.queue_type == "quorum":
+        raise ValueError("_priority is not available with amqp.queue_type 'quorum' (no priority queues)")
+
+
 async def _publish(
-    body: bytes, config: settings.AMQPSettings, queue: str, wait_ms: int | None, retries: int
+    body: bytes,
+    config: settings.AMQPSettings,
+    queue: str,
+    wait_ms: int | None,
+    retries: int,
+    priority: int | None = None,
 ) -> None:
-    """To `queue`, or into the delay tier a task waiting for its start sits in (which
-    dead-letters it into `queue` later); a named queue is declared first."""
+    """To `queue` (its priority queue for a task given a priority), or into the delay tier a
+    task waiting for its start sits in (which dead-letters it there later); a named or
+    priority queue is declared first."""
     publisher = get_publisher(config)
+    if priority is not None:
+        queue = names.priority_queue(queue)
     if queue != config.queue:
         await publisher.declare(queue)
     target = queue
     if wait_ms is not None:
         target, arguments = names.delay_tier(config, wait_ms, queue)
         await publisher.declare_queue(target, arguments)
-    await publisher.publish(body, target, retries=retries)
+    await publisher.publish(body, target, retries=retries, priority=priority)
 
 
 async def add_object_task(

@@ -76,6 +76,20 @@ def _count(headers: dict | None, name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def priority_queues(settings: AMQPSettings, queues: list[str]) -> list[str]:
+    """The priority queues a worker of `queues` consumes too; none with quorum queues, which
+    RabbitMQ 3.x declares with no x-max-priority (add_task refuses `_priority` then)."""
+    if settings.queue_type == "quorum":
+        return []
+    return [names.priority_queue(queue) for queue in queues]
+
+
+def message_priority(properties: Any) -> int | None:
+    """The AMQP priority a message we republish keeps (a retried priority task stays one)."""
+    priority = getattr(properties, "priority", None)
+    return priority if isinstance(priority, int) and 0 <= priority <= names.MAX_PRIORITY else None
+
+
 class Delivery(NamedTuple):
     channel: Channel
     body: bytes
@@ -106,6 +120,8 @@ class Worker:
         self.queues = list(dict.fromkeys(names.task_queue(q, self.settings) for q in queues)) or [
             self.settings.queue
         ]
+        #: what it consumes: those queues and their priority queues (none with quorum queues)
+        self.consumed = self.queues + priority_queues(self.settings, self.queues)
         self.max_size = max_size or self.settings.max_running_tasks
         self.check_activity = check_activity
         self.max_task_retries = self.settings.max_task_retries
@@ -148,7 +164,7 @@ class Worker:
         self._slots = asyncio.Semaphore(self.max_size)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.queues)
+        self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.consumed)
         await self.connection.open()
         self.publisher = Publisher(self.settings, self.connection)
         # the connection consumes again whenever it, our channel or our consumer is lost
@@ -201,13 +217,14 @@ class Worker:
         """
         assert self.connection is not None
         self._channel = await self.connection.channel()
-        await self._channel.basic_qos(prefetch_count=self.max_size)
-        if len(self.queues) > 1:  # the limit above is per consumer: hold no more in all
-            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=True)
+        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+        # slot to the blocked queues in random order; per consumer, the acked queue always won
+        shared = len(self.consumed) > 1
+        await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
         self._consumer_cancelled = asyncio.Event()
         self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_tags = set()
-        for queue in self.queues:
+        for queue in self.consumed:
             result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
             self._consumer_tags.add(result["consumer_tag"])
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
@@ -526,8 +543,13 @@ class Worker:
             return
         try:
             queue = queue or await self._delay_queue(delay_ms, delivery.queue)
+            headers = counted(delivery.headers, counter)
             await self.publisher.publish(
-                delivery.body, queue, retries=1, headers=counted(delivery.headers, counter)
+                delivery.body,
+                queue,
+                retries=1,
+                headers=headers,
+                priority=message_priority(delivery.properties),
             )
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back

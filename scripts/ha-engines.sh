@@ -2,6 +2,8 @@
 # Start or stop the engines of the HA tests (SPEC §14) on this machine, loopback only:
 #   - a 3-node RabbitMQ cluster: ha1@localhost, ha2@localhost, ha3@localhost
 #     (AMQP 5701-5703, distribution 25701-25703), beside the machine's own node on 5672;
+#   - a standalone node, solo@localhost (AMQP 5704, distribution 25704), that tests may stop
+#     and start (the machine's own node serves other tests and is never restarted);
 #   - a Redis master (6391), its replica (6392) and three Sentinels (26391-26393)
 #     watching it as "ha-master", beside the machine's own Redis on 6379.
 # The machine's default RabbitMQ node and Redis are never touched.
@@ -22,7 +24,8 @@ case "$HA_DIR" in
         exit 2
         ;;
 esac
-RABBIT_NODES=(ha1 ha2 ha3)
+RABBIT_NODES=(ha1 ha2 ha3 solo)
+CLUSTER_NODES=(ha1 ha2 ha3)  # solo stays out of the cluster
 AMQP_BASE_PORT=5700
 DIST_BASE_PORT=25700
 REDIS_MASTER=6391
@@ -77,9 +80,9 @@ start_rabbit() {
         ctl "$node" wait "$HA_DIR/rabbit/$node/beam.pid" --timeout 180 >/dev/null ||
             { log "node $node did not start: see $HA_DIR/rabbit/$node/log"; return 1; }
     done
-    for node in "${RABBIT_NODES[@]:1}"; do
+    for node in "${CLUSTER_NODES[@]:1}"; do
         ctl "$node" stop_app
-        ctl "$node" join_cluster "${RABBIT_NODES[0]}@localhost"
+        ctl "$node" join_cluster "${CLUSTER_NODES[0]}@localhost"
         ctl "$node" start_app
     done
     local running

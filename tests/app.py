@@ -503,3 +503,17 @@ async def schedule_call(context: Any, request: Any) -> dict:
 
 
 CALLABLE = {"until_file": until_file, "fail_unless_file": fail_unless_file, "noop": noop, "fail": fail}
+
+
+async def retry_once_then_mark(path: str, label: str) -> str:
+    """The first run asks to be retried half a second later; the next one appends `label` to `path`."""
+    tried = f"{path}.{label}.tried"
+    if not os.path.exists(tried):
+        open(tried, "w").close()
+        raise Retry(delay=0.5, reason="once more")
+    return await write_marker(path, label)
+
+
+@task(priority=5)
+async def prioritized(path: str, label: str) -> str:
+    return await write_marker(path, label)

@@ -129,7 +129,13 @@ async def test_bad_options_at_the_call_raise_valueerror_and_publish_nothing(guil
 
 @pytest.mark.parametrize(
     "options, named",
-    [({"timeuot": 3}, "timeuot"), ({"timeout": -3}, "timeout"), ({"max_retries": -1}, "max_retries")],
+    [
+        ({"timeuot": 3}, "timeuot"),
+        ({"timeout": -3}, "timeout"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"priority": 10}, "priority"),
+        ({"priority": "9"}, "priority"),
+    ],
 )
 def test_bad_decorator_options_raise_valueerror_naming_them(options, named):
     with pytest.raises(ValueError, match=named):
@@ -146,6 +152,10 @@ def test_bad_decorator_options_raise_valueerror_naming_them(options, named):
         ("timeout", [1]),
         ("max_retries", -2),
         ("max_retries", "x" * 5000),
+        ("priority", 10),
+        ("priority", -1),
+        ("priority", True),
+        ("priority", 4.5),
     ],
 )
 async def test_a_hostile_option_in_a_message_is_refused_to_the_error_queue(worker, field, value):

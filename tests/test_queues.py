@@ -25,7 +25,7 @@ async def named(namespace):
     yield queues
     async with broker() as protocol:
         channel = await protocol.channel()
-        for queue in queues.values():
+        for queue in [*queues.values(), *map(names.priority_queue, queues.values())]:
             for name in (queue, names.delay_queue(queue), names.error_queue(queue)):
                 await channel.queue_delete(name)
 
@@ -46,9 +46,10 @@ async def status(state: TaskState) -> str:
         ("", "non-empty"),
         ("has space", "characters outside"),
         ("é", "characters outside"),
-        ("x" * 250, "longer than 236 bytes"),
+        ("x" * 250, "longer than 227 bytes"),
         ("amq.mine", "reserves"),
-        ("reports-delay", "delay or error"),
+        ("reports-delay", "delay, error or priority"),
+        ("reports-priority", "delay, error or priority"),
         (5, "non-empty string"),
     ],
 )

@@ -114,7 +114,7 @@ async def _delete_queues(namespace: str) -> None:
     try:
         channel = await protocol.channel()
         queue = f"test-{namespace}"
-        for main in (queue, queue + QUORUM_SUFFIX):
+        for main in (queue, queue + QUORUM_SUFFIX, names.priority_queue(queue)):
             for name in (main, names.delay_queue(main), names.error_queue(main)):
                 await channel.queue_delete(name)
         await channel.exchange_delete(queue)
