@@ -10,10 +10,19 @@ from typing import Any
 from guillotina import configure
 
 from guillotina_amqp.decorators import object_task, task
+from guillotina_amqp.offload import TaskContext, get_task_context
 from guillotina_amqp.settings import DEFAULTS, AMQPSettings
 from guillotina_amqp.utils import add_object_task, add_task, cancel_task
 
-__all__ = ["add_object_task", "add_task", "cancel_task", "object_task", "task"]
+__all__ = [
+    "TaskContext",
+    "add_object_task",
+    "add_task",
+    "cancel_task",
+    "get_task_context",
+    "object_task",
+    "task",
+]
 
 # Every default, visible in app_settings["amqp"] (guillotina merges the configuration's
 # block over it). Only where the add-on is not loaded, or `amqp: null`, is there no block:

@@ -9,7 +9,7 @@ from guillotina.transactions import get_transaction
 from guillotina.utils import execute
 from zope.interface import implementer
 
-from guillotina_amqp import registry
+from guillotina_amqp import expiry, offload, registry
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.state import TaskState
 
@@ -20,9 +20,14 @@ class TaskDefinition:
 
     object_task = False
 
-    def __init__(self, func: Callable[..., Any], retries: int = 3) -> None:
+    def __init__(
+        self, func: Callable[..., Any], retries: int = 3, expires: float | None = None, run_in: str | None = None
+    ) -> None:
         self.func = func
         self.retries = retries
+        # when and where it runs (SPEC §12): checked now, so a bad one fails at import
+        expiry.deadline(expires)
+        self.when = {"_expires": expires, "_run_in": offload.check_run_in(func, run_in)}
         functools.update_wrapper(self, func)
         registry.register(func)
 
@@ -37,6 +42,8 @@ class TaskDefinition:
         from guillotina_amqp.utils import add_object_task, add_task
 
         kwargs.setdefault("_retries", self.retries)
+        for name, value in self.when.items():
+            kwargs.setdefault(name, value)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
         return await add_task(self.func, *args, **kwargs)
@@ -81,15 +88,16 @@ def _current_transaction() -> Any:
 
 
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(func: Callable[..., Any] | None = None, retries: int = 3) -> Any:
+    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, **when: Any) -> Any:
         if func is None:
-            return lambda f: kind(f, retries=retries)
-        return kind(func, retries=retries)
+            return lambda f: kind(f, retries=retries, **when)
+        return kind(func, retries=retries, **when)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5)` or `task(func, retries=3)`.
+#: `@task`, `@task(retries=5)` or `task(func, retries=3)`; `expires=` (seconds) and
+#: `run_in="thread"|"process"` (plain `def` functions) say when and where it runs.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

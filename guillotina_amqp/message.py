@@ -13,6 +13,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
+from guillotina_amqp import expiry, offload
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -24,6 +25,8 @@ _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
+#: When and where it runs (SPEC §12): its deadline, its pool, its time limit (seconds).
+FIELDS |= frozenset({"expires", "run_in", "timeout"})
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -247,6 +250,7 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         if not isinstance(message.setdefault(name, None), (str, type(None))):
             raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
     _check_request(message["req_data"], task_id)
+    _check_when(message, task_id)
 
 
 #: req_data's fields and the types the worker can rebuild a request and a user from
@@ -279,6 +283,13 @@ def _check_request(req_data: dict, task_id: str | None) -> None:
     for name in ("roles", "groups"):
         if not all(isinstance(item, str) for item in user.get(name) or ()):
             raise InvalidMessage(f"'user.{name}' holds something other than names", task_id)
+
+
+def _check_when(message: dict, task_id: str | None) -> None:
+    """The SPEC §12 fields: a hostile value is refused here, never met by the worker."""
+    problem = expiry.check_field(message.get("expires")) or offload.check_field(message)
+    if problem:
+        raise InvalidMessage(problem, task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:

@@ -7,6 +7,7 @@ generate_task_id, serialize_request, make_request, metric_measure.
 import inspect
 import logging
 import uuid
+from datetime import datetime
 from typing import Any, AsyncIterator, Callable
 
 from guillotina import task_vars
@@ -14,7 +15,7 @@ from guillotina.interfaces import IRequest
 from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
-from guillotina_amqp import context, metrics, registry, settings
+from guillotina_amqp import context, expiry, metrics, offload, registry, settings
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
@@ -73,6 +74,8 @@ async def add_task(
     _request: IRequest | None = None,
     _retries: int = 3,
     _task_id: str | None = None,
+    _expires: float | datetime | None = None,
+    _run_in: str | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -84,11 +87,16 @@ async def add_task(
     (an id whose earlier run ended runs again, as a new run). Without an `amqp`
     settings block, logs a warning and returns None.
 
+    When and where it runs (SPEC §12): `_expires` (seconds from now, or a datetime):
+    not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
+    "process", default: the task's `@task(run_in=)`): where a plain `def` runs.
+
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
     id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved. Nothing
-    is published then.
+    is published then. ValueError too for a negative `_expires` or an unknown `_run_in`.
     """
+    when = _when(func, _expires, _run_in)
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
         return None
@@ -109,12 +117,20 @@ async def add_task(
             "task_id": task_id,
             "run": run,
             "req_data": messages.request_data(request, get_authenticated_user(), container),
+            **when,
         },
         config,
     )
     await get_publisher(config).publish(body, config.queue, retries=_retries)
     await get_state_manager().create(task_id, initial_state(run))
     return TaskState(task_id)
+
+
+def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
+    """The message fields saying when and where the task runs (only those that are set)."""
+    fields = {"expires": expiry.deadline(expires)}
+    fields["run_in"] = offload.check_run_in(_unwrap(func), run_in)
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 async def add_object_task(

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import liveness, metrics, names
+from guillotina_amqp import expiry, liveness, metrics, names
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
@@ -313,7 +313,16 @@ class Worker:
             logger.info("%s is %s; skipping it", job.label, claim.outcome)
             return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
+        too_late = expiry.expired(job.data)
+        if too_late:
+            return await self._expire(job, too_late)
         return await self._settle(job, await self._run(job))
+
+    async def _expire(self, job: Job, reason: str) -> Disposition:
+        """Past its `_expires` deadline before it could start: never run, canceled."""
+        logger.info("%s %s; canceling it", job.label, reason)
+        await self._record(job, {"status": TaskStatus.CANCELED, "error": reason}, final=True)
+        return Disposition(Action.ACK, job.label)
 
     async def _run(self, job: Job) -> Outcome:
         task = asyncio.create_task(job.run())

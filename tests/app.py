@@ -359,7 +359,7 @@ async def user_info() -> dict:
 async def schedule_named(context: Any, request: Any) -> dict:
     """Schedules the task of tests.app that the body names (one of RUNNABLE)."""
     func = RUNNABLE[(await request.json())["task"]]
-    state = await add_task(func)
+    state = await (func() if hasattr(func, "schedule") else add_task(func))
     return {"task_id": state.task_id}
 
 
@@ -399,3 +399,51 @@ async def unstorable(kind: str) -> Any:
 async def sleep_then_add(seconds: float, a: int, b: int) -> int:
     await asyncio.sleep(seconds)
     return a + b
+
+
+# -- when and where tasks run (tests/test_when.py, test_offload.py) --
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+from guillotina_amqp import get_task_context  # noqa: E402
+
+
+def wait_for_file(path: str, go: str, seconds: float = 60) -> str:
+    """A plain def that blocks its thread (or process) until `go` exists: marks "started <pid>"
+    first, "done" after; gives up after `seconds`."""
+    with open(path, "a") as fh:
+        fh.write(f"started {os.getpid()}\n")
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(path, "a") as fh:
+        fh.write("done\n")
+    return "done"
+
+
+def sync_context() -> dict:
+    """The TaskContext a plain def sees, and the process it runs in."""
+    return {**dataclasses.asdict(get_task_context()), "pid": os.getpid()}
+
+
+def sync_fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@task(run_in="thread")
+def thread_context() -> dict:
+    return sync_context()
+
+
+@task(run_in="process")
+def process_context() -> dict:
+    return sync_context()
+
+
+@task(expires=0.001)
+async def soon_expired() -> str:
+    return "ran"
+
+
+RUNNABLE.update({"thread_context": thread_context, "process_context": process_context})

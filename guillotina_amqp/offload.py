@@ -1,0 +1,228 @@
+"""Plain `def` tasks run off the event loop (SPEC §12): `@task(run_in="thread" | "process")`.
+
+The loop keeps serving other tasks meanwhile. A thread cannot be stopped: past the
+task's `timeout` its result is abandoned (the thread runs on until the function
+returns). A process run is its own process, forked from a server process (the
+forkserver start method: never a fork of the worker's threads and connections),
+and is killed at its limit, or whenever the run is cancelled (task canceled,
+worker stopping). Either way the function sees its context as plain data:
+`get_task_context()` returns a TaskContext (task id, user, roles, container ids).
+"""
+
+import asyncio
+import concurrent.futures
+import contextvars
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+import math
+import multiprocessing
+import pickle
+import sys
+import traceback
+from typing import Any, Callable
+
+from guillotina_amqp.task_vars import amqp_job
+
+logger = logging.getLogger("guillotina_amqp")
+
+THREAD = "thread"
+PROCESS = "process"
+RUN_IN = (THREAD, PROCESS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """What a task runs for, as plain data a thread or another process can hold."""
+
+    task_id: str
+    user_id: str | None = None
+    roles: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    db_id: str | None = None
+    container_id: str | None = None
+    container_url: str | None = None
+
+    @classmethod
+    def of(cls, data: dict) -> "TaskContext":
+        """The context of a decoded message."""
+        req_data = data.get("req_data") or {}
+        user = req_data.get("user") or {}
+        return cls(
+            task_id=data["task_id"],
+            user_id=user.get("id"),
+            roles=tuple(user.get("roles") or ()),
+            groups=tuple(user.get("groups") or ()),
+            db_id=data.get("db_id"),
+            container_id=data.get("container_id"),
+            container_url=req_data.get("container_url"),
+        )
+
+
+_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("amqp_task_context", default=None)
+
+
+def get_task_context() -> TaskContext:
+    """The running task's TaskContext: in a thread or process run, and in any task on a worker.
+
+    LookupError outside a task.
+    """
+    current = _context.get()
+    if current is not None:
+        return current
+    job = amqp_job.get()
+    if job is None:
+        raise LookupError("get_task_context() is only available while a task runs")
+    return TaskContext.of(job.data)
+
+
+def check_run_in(func: Callable[..., Any] | str, run_in: Any) -> str | None:
+    """`run_in` for `func` (or its dotted name) when it can run there; ValueError naming the task."""
+    if run_in is None:
+        return None
+    name = func if isinstance(func, str) else f"{func.__module__}.{func.__qualname__}"
+    if run_in not in RUN_IN:
+        raise ValueError(f"task {name}: run_in must be 'thread', 'process' or None, not {run_in!r}")
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        raise ValueError(f"task {name}: run_in is for plain `def` functions; this one is async")
+    return run_in
+
+
+def check_field(message: dict) -> str | None:
+    """What is wrong with a message's `run_in` or `timeout` field (None when they are fine)."""
+    if message.get("run_in") not in (None, *RUN_IN):
+        return "'run_in' is neither 'thread', 'process' nor null"
+    timeout = message.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        return "'timeout' is not a positive number of seconds"
+    return None
+
+
+async def call(func: Callable[..., Any], data: dict) -> Any:
+    """`func(*args, **kwargs)` of message `data` in its `run_in` pool, within its `timeout`."""
+    context = TaskContext.of(data)
+    run_in, limit = data.get("run_in"), data.get("timeout")
+    args, kwargs = data["args"], data["kwargs"]
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(f"run_in={run_in!r} is for plain `def` functions, not {data['func']}")
+    if run_in == PROCESS:
+        return await _in_process(data["func"], args, kwargs, context, limit)
+    return await _in_thread(functools.partial(func, *args, **kwargs), context, limit)
+
+
+# -- threads ------------------------------------------------------------------
+_threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    # our own pool: long tasks must not starve the loop's default executor (DNS look-ups...)
+    global _threads
+    if _threads is None:
+        _threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="guillotina_amqp-task")
+    return _threads
+
+
+async def _in_thread(call: Callable[[], Any], context: TaskContext, limit: float | None) -> Any:
+    # a fresh context: the thread gets plain data, not the loop's request, container or transaction
+    ctx = contextvars.Context()
+    ctx.run(_context.set, context)
+    future = asyncio.get_running_loop().run_in_executor(_thread_pool(), ctx.run, call)
+    try:
+        return await asyncio.wait_for(future, limit)
+    except asyncio.TimeoutError:
+        logger.warning("Task %s: thread abandoned past its %gs timeout", context.task_id, limit)
+        raise TimeoutError(f"ran past its timeout of {limit:g}s (its thread runs on, abandoned)") from None
+
+
+# -- processes ----------------------------------------------------------------
+_mp: multiprocessing.context.BaseContext | None = None
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    global _mp
+    if _mp is None:
+        _mp = multiprocessing.get_context("forkserver")
+        _mp.set_forkserver_preload([__name__])  # type: ignore[attr-defined]
+    return _mp
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a task's process."""
+
+
+class TaskProcessDied(RuntimeError):
+    """A task's process ended without an answer (killed, or exited)."""
+
+
+async def _in_process(
+    func_name: str, args: list, kwargs: dict, context: TaskContext, limit: float | None
+) -> Any:
+    mp = _mp_context()
+    receiver, sender = mp.Pipe(duplex=False)
+    process = mp.Process(  # type: ignore[attr-defined]
+        target=_child, args=(sender, func_name, args, kwargs, context, list(sys.path)), daemon=True
+    )
+    process.start()
+    sender.close()  # the child holds the only writer: its death reads as end of file
+    try:
+        try:
+            await asyncio.wait_for(_readable(receiver.fileno()), limit)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"ran past its timeout of {limit:g}s; its process was killed") from None
+        return _answer(receiver, process)
+    finally:
+        if process.is_alive():
+            process.kill()  # past the limit, or the run was cancelled
+        process.join()
+        receiver.close()
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _answer(receiver: Any, process: Any) -> Any:
+    try:
+        ok, value, text = receiver.recv()
+    except EOFError:
+        process.join()
+        raise TaskProcessDied(f"the task's process exited with code {process.exitcode}") from None
+    if ok:
+        return value
+    raise (value or RuntimeError(text.strip().splitlines()[-1])) from RemoteTraceback(text)
+
+
+def _child(sender: Any, func_name: str, args: list, kwargs: dict, context: TaskContext, path: list) -> None:
+    """In the task's process: call the function, send (ok, result or exception, traceback)."""
+    sys.path[:] = path
+    _context.set(context)
+    try:
+        module_name, _, attr = func_name.rpartition(".")
+        func = getattr(importlib.import_module(module_name), attr)
+        func = getattr(func, "func", func)  # a @task definition: the function it wraps
+        answer = (True, func(*args, **kwargs), "")
+    except BaseException as exc:
+        answer = (False, _picklable(exc), traceback.format_exc())
+    try:
+        sender.send(answer)
+    except Exception as exc:  # a result pickle cannot carry
+        sender.send((False, None, f"the task's result cannot be sent back: {exc!r}"))
+    sender.close()
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return None
+    return exc
