@@ -21,7 +21,11 @@ class TaskDefinition:
     object_task = False
 
     def __init__(
-        self, func: Callable[..., Any], retries: int = 3, expires: float | None = None, run_in: str | None = None
+        self,
+        func: Callable[..., Any],
+        retries: int = 3,
+        expires: float | None = None,
+        run_in: str | None = None,
     ) -> None:
         self.func = func
         self.retries = retries

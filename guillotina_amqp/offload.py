@@ -61,7 +61,9 @@ class TaskContext:
         )
 
 
-_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("amqp_task_context", default=None)
+_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "amqp_task_context", default=None
+)
 
 
 def get_task_context() -> TaskContext:
@@ -184,7 +186,12 @@ async def _in_process(
 async def _readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:

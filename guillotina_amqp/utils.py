@@ -128,8 +128,7 @@ async def add_task(
 
 def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
     """The message fields saying when and where the task runs (only those that are set)."""
-    fields = {"expires": expiry.deadline(expires)}
-    fields["run_in"] = offload.check_run_in(_unwrap(func), run_in)
+    fields = {"expires": expiry.deadline(expires), "run_in": offload.check_run_in(_unwrap(func), run_in)}
     return {name: value for name, value in fields.items() if value is not None}
 
 

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("outside_container")
 
 @BOTH_MANAGERS
 @pytest.mark.parametrize("expires", [0.01, datetime.now(timezone.utc) - timedelta(hours=1)])
-async def test_a_task_past_its_deadline_never_runs_and_ends_canceled(guillotina_main, manager, tmp_path, expires):
+async def test_a_task_past_its_deadline_never_runs_and_ends_canceled(
+    guillotina_main, manager, tmp_path, expires
+):
     marker = tmp_path / "runs"
     # Given a task whose deadline passes before any worker takes it
     deadline = _deadline(expires)
