@@ -11,6 +11,7 @@ from guillotina import configure
 
 from guillotina_amqp.decorators import object_task, task
 from guillotina_amqp.offload import TaskContext, get_task_context
+from guillotina_amqp.periodic_tasks import periodic
 from guillotina_amqp.settings import DEFAULTS, AMQPSettings
 from guillotina_amqp.utils import add_object_task, add_task, cancel_task
 
@@ -21,6 +22,7 @@ __all__ = [
     "cancel_task",
     "get_task_context",
     "object_task",
+    "periodic",
     "task",
 ]
 

@@ -132,3 +132,9 @@ def cancel_key(prefix: str) -> str:
 def done_channel(prefix: str, task_id: str) -> str:
     """Pub/sub channel told whenever the task's status changes."""
     return f"{prefix}changed:{task_id}"
+
+
+def periodic_key(prefix: str, name: str, period: int) -> str:
+    """Set (NX) by the one worker that fires periodic task `name` for the period starting at
+    epoch second `period`."""
+    return f"{prefix}meta:periodic:{name}:{period}"

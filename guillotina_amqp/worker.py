@@ -9,6 +9,7 @@ building a job refuses the message into the error queue: nothing escapes.
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import expiry, liveness, metrics, names
+from guillotina_amqp import expiry, liveness, metrics, names, periodic_tasks
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
@@ -107,6 +108,7 @@ class Worker:
         self.beacon: liveness.Beacon | None = None
         self.activity: liveness.ActivityCheck | None = None
         self.probes_forwarded = 0
+        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks (SPEC §12)
 
     @property
     def connection_name(self) -> str:
@@ -130,6 +132,7 @@ class Worker:
         await self.connection.keep(self._consume)
         self._background.append(asyncio.create_task(self._status_loop()))
         self._start_liveness()
+        self._start_periodic()
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
@@ -152,6 +155,13 @@ class Worker:
                 on_failure=self.fail,
             )
             self._background.append(asyncio.create_task(self.activity.run()))
+
+    def _start_periodic(self) -> None:
+        tasks = periodic_tasks.registered(self.settings)
+        if tasks:
+            self.firer = periodic_tasks.Firer(tasks, self.state_manager, self.worker_id)
+            # an empty context: a firing is scheduled by no request, user or container
+            self._background.append(asyncio.create_task(self.firer.run(), context=contextvars.Context()))
 
     def fail(self, exit_code: int, reason: str) -> None:
         """A liveness check failed: record why; `g amqp-worker` exits with `exit_code`."""

@@ -447,3 +447,14 @@ async def soon_expired() -> str:
 
 
 RUNNABLE.update({"thread_context": thread_context, "process_context": process_context})
+
+
+#: task ids of the runs of record_period, in order (in-process workers)
+PERIODS: list[str] = []
+
+
+async def record_period() -> str:
+    """A periodic task for in-process workers: records which period it runs for."""
+    task_id = amqp_job.get().data["task_id"]
+    PERIODS.append(task_id)
+    return task_id
