@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import expiry, liveness, metrics, names, periodic_tasks
+from guillotina_amqp import expiry, liveness, metrics, names, periodic_tasks, recycling
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
@@ -42,6 +42,7 @@ class Action(enum.Enum):
     ACK = "ack"
     DELAY = "delay"  # through the delay queue, back to the main queue later
     DEAD_LETTER = "dead-letter"  # into the error queue
+    REQUEUE = "requeue"  # back to the main queue at once
     LEAVE = "leave"  # unacked: the broker redelivers it when our channel closes
 
 
@@ -79,6 +80,8 @@ class Worker:
         loop: asyncio.AbstractEventLoop | None = None,
         max_size: int | None = None,
         check_activity: bool = True,
+        max_tasks: int | None = None,
+        max_load: float | None = None,
     ) -> None:
         self.request = request
         self.loop = loop
@@ -109,6 +112,13 @@ class Worker:
         self.activity: liveness.ActivityCheck | None = None
         self.probes_forwarded = 0
         self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks (SPEC §12)
+        # recycling and load (SPEC §12): consume only while the gate is open
+        self.quota = recycling.Quota(max_tasks)
+        self.gate = recycling.Gate()
+        self.load_watch = None
+        if max_load is not None:
+            self.load_watch = recycling.LoadWatch(max_load, self._on_load, self.worker_id)
+        self.recycled = asyncio.Event()  # claimed max_tasks tasks and finished them
 
     @property
     def connection_name(self) -> str:
@@ -128,8 +138,13 @@ class Worker:
         self.connection = AMQPConnection(self.settings, name=self.connection_name)
         await self.connection.open()
         self.publisher = Publisher(self.settings, self.connection)
-        # the connection consumes again whenever it, our channel or our consumer is lost
-        await self.connection.keep(self._consume)
+        if self.load_watch is not None:
+            self.load_watch.check()  # a loaded machine takes nothing, from the start
+            self._background.append(asyncio.create_task(self.load_watch.run()))
+        if self.gate.open:
+            # the connection consumes again whenever it, our channel or our consumer is lost
+            await self.connection.keep(self._consume)
+        self._background.append(asyncio.create_task(self._gate_loop(consuming=self.gate.open)))
         self._background.append(asyncio.create_task(self._status_loop()))
         self._start_liveness()
         self._start_periodic()
@@ -183,13 +198,39 @@ class Worker:
         was deleted). The old channel keeps the deliveries still running; they settle on it.
         """
         assert self.connection is not None
-        self._channel = await self.connection.channel()
-        await self._channel.basic_qos(prefetch_count=self.max_size)
+        if self._channel is None or not self._channel.is_open:  # an open one: consuming again
+            self._channel = await self.connection.channel()
+            await self._channel.basic_qos(prefetch_count=self.max_size)
+            self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
-        self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         result = await self._channel.basic_consume(self._on_message, queue_name=self.settings.queue)
         self._consumer_tag = result["consumer_tag"]
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
+
+    async def _gate_loop(self, consuming: bool) -> None:
+        """Consume while the gate is open; stop consuming (what we hold unclaimed goes back) while held."""
+        while True:
+            await self.gate.changed.wait()
+            self.gate.changed.clear()
+            if self.gate.open == consuming or self._stopping:
+                continue
+            consuming = self.gate.open
+            try:
+                if consuming:
+                    assert self.connection is not None
+                    await self.connection.keep(self._consume)
+                else:
+                    await self._stop_consuming()
+            except Exception:
+                logger.exception(
+                    "Worker %s: could not %s consuming", self.worker_id, "resume" if consuming else "stop"
+                )
+                consuming = not consuming
+                await asyncio.sleep(REQUEUE_PAUSE)
+                self.gate.changed.set()
+
+    def _on_load(self, high: bool) -> None:
+        self.gate.hold(recycling.LOAD, high)
 
     async def _on_consumer_cancelled(self, channel: Channel, consumer_tag: str) -> None:
         # the broker cancels a consumer whose queue was deleted; the channel stays open
@@ -266,6 +307,11 @@ class Worker:
         self._handlers.discard(task)
         if not self._handlers and self._idle is not None:
             self._idle.set()
+        if not self._handlers and self.quota.done and not self.recycled.is_set():
+            logger.info(
+                "Worker %s ran its %s tasks (--max-tasks): recycling", self.worker_id, self.quota.limit
+            )
+            self.recycled.set()
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -282,10 +328,12 @@ class Worker:
             return await self._handle_probe(delivery)
         data = messages.decode(delivery.body, delivery.headers, self.settings)
         job = Job(data, self.settings, self.state_manager)
+        if self.quota.full:
+            return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
         assert self._slots is not None
         async with self._slots:
             try:
-                return await self._claim_and_run(job)
+                return await self._claim_within_quota(job)
             except asyncio.CancelledError:
                 raise
             except TaskStateUnusable as exc:
@@ -309,6 +357,17 @@ class Worker:
         except Exception as exc:
             logger.debug("Worker %s could not forward a no-op probe: %r", self.worker_id, exc)
         return Disposition(Action.ACK, "No-op probe")
+
+    async def _claim_within_quota(self, job: Job) -> Disposition:
+        """--max-tasks: claim only while a place is left; consume no more once none is."""
+        if not self.quota.take():
+            return Disposition(Action.REQUEUE, job.label)
+        self.gate.hold(recycling.MAX_TASKS, self.quota.full)
+        try:
+            return await self._claim_and_run(job)
+        finally:
+            self.quota.settle(claimed=job.started is not None)
+            self.gate.hold(recycling.MAX_TASKS, self.quota.full)
 
     async def _claim_and_run(self, job: Job) -> Disposition:
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
@@ -433,6 +492,8 @@ class Worker:
             await self._ack(delivery, label)
         elif action is Action.DEAD_LETTER:
             await self._move(delivery, names.error_queue(self.settings.queue), label)
+        elif action is Action.REQUEUE:
+            await self._nack(delivery, label, requeue=True)
         elif action is Action.DELAY:
             await self._move(delivery, names.delay_queue(self.settings.queue), label, disposition.counter)
 
