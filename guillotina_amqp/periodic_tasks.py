@@ -22,7 +22,6 @@ from typing import Any, Callable
 from croniter import croniter
 
 from guillotina_amqp import registry
-from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -110,9 +109,9 @@ def periodic(
     return definition
 
 
-def registered(settings: AMQPSettings) -> list[PeriodicTask]:
-    """The periodic tasks this worker fires: those of the applications it may run."""
-    return [entry for entry in _periodic.values() if registry.is_allowed(entry.name, settings)]
+def registered() -> list[PeriodicTask]:
+    """The periodic tasks declared in this process (by the applications it loaded)."""
+    return list(_periodic.values())
 
 
 def unregister(name: str) -> None:

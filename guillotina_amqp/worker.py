@@ -172,7 +172,7 @@ class Worker:
             self._background.append(asyncio.create_task(self.activity.run()))
 
     def _start_periodic(self) -> None:
-        tasks = periodic_tasks.registered(self.settings)
+        tasks = periodic_tasks.registered()
         if tasks:
             self.firer = periodic_tasks.Firer(tasks, self.state_manager, self.worker_id)
             # an empty context: a firing is scheduled by no request, user or container

@@ -449,6 +449,8 @@ async def soon_expired() -> str:
 RUNNABLE.update({"thread_context": thread_context, "process_context": process_context})
 
 
+#: the variable naming the file tests.periodic_app's firings append to (worker processes)
+PERIODIC_MARKS_ENV = "AMQP_TEST_PERIODIC_MARKS"
 #: task ids of the runs of record_period, in order (in-process workers)
 PERIODS: list[str] = []
 

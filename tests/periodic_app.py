@@ -8,10 +8,9 @@ from guillotina import configure
 
 from guillotina_amqp import periodic
 from guillotina_amqp.task_vars import amqp_job
+from tests.app import PERIODIC_MARKS_ENV
 
 app_settings: dict[str, Any] = {}
-#: the file each firing appends its task id to
-MARKS_ENV = "AMQP_TEST_PERIODIC_MARKS"
 
 
 def includeme(root: Any, settings: dict) -> None:
@@ -21,6 +20,6 @@ def includeme(root: Any, settings: dict) -> None:
 @periodic(every=1)
 async def every_second() -> str:
     task_id = amqp_job.get().data["task_id"]
-    with open(os.environ[MARKS_ENV], "a") as fh:
+    with open(os.environ[PERIODIC_MARKS_ENV], "a") as fh:
         fh.write(f"{task_id} {os.getpid()}\n")
     return task_id

@@ -8,7 +8,6 @@ from guillotina_amqp import periodic
 from guillotina_amqp import periodic_tasks as periodic_module
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests import app
-from tests.periodic_app import MARKS_ENV
 from tests.subprocess_worker import WorkerProcess, worker_config
 from tests.utils import BOTH_MANAGERS, REDIS_ONLY, lines, running_worker, wait_for
 
@@ -54,7 +53,7 @@ async def test_two_worker_processes_fire_each_period_once_and_one_survivor_goes_
     marks = tmp_path / "periods"
     config = worker_config()
     config["applications"].append("tests.periodic_app")
-    env = {MARKS_ENV: str(marks)}
+    env = {app.PERIODIC_MARKS_ENV: str(marks)}  # tests.periodic_app is never imported here
     first, second = WorkerProcess(config, env=env), WorkerProcess(config, env=env)
     async with first, second:
         await first.wait_consuming()
