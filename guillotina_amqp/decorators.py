@@ -31,6 +31,8 @@ class TaskDefinition:
         self.retries = retries
         # when and where it runs (SPEC §12): checked now, so a bad one fails at import
         expiry.deadline(expires)
+        if run_in is not None and self.object_task:
+            raise ValueError(f"object task {registry.dotted_name(func)}: run_in is not for object tasks")
         self.when = {"_expires": expires, "_run_in": offload.check_run_in(func, run_in)}
         functools.update_wrapper(self, func)
         registry.register(func)

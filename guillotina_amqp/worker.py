@@ -165,7 +165,8 @@ class Worker:
                 self.worker_id,
                 self.settings.noop_after,
                 self.settings.kill_after,
-                busy=lambda: bool(self._handlers),
+                # a paused worker (--max-load, --max-tasks) expects no delivery: not idle
+                busy=lambda: bool(self._handlers) or not self.gate.open,
                 publish=self._publish_probe,
                 on_failure=self.fail,
             )

@@ -5,7 +5,7 @@ import os
 import orjson
 import pytest
 
-from guillotina_amqp import add_task, get_task_context, task
+from guillotina_amqp import add_task, get_task_context, object_task, task
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests import app
 from tests.test_context import TOKEN_USERS, bearer, schedule
@@ -124,6 +124,8 @@ def test_bad_run_in_is_refused_at_decoration_naming_the_task():
         task(app.sync_fail, run_in="gpu")
     with pytest.raises(ValueError, match=r"tests.app.add: run_in is for plain `def` functions"):
         task(app.add, run_in="thread")
+    with pytest.raises(ValueError, match=r"object task tests.app.sync_fail: run_in is not for object tasks"):
+        object_task(app.sync_fail, run_in="thread")
 
 
 async def test_bad_run_in_is_refused_at_the_call(guillotina_main, outside_container):

@@ -64,6 +64,7 @@ async def test_recycling_flags_refuse_what_is_not_above_0(guillotina_main, flag)
     assert f"{flag}: must be a" in worker.output and "above 0, not '0'" in worker.output
 
 
+@pytest.mark.app_settings({"amqp": {"noop_after": 0.2, "kill_after": 0.6}})
 async def test_max_load_pauses_consuming_above_the_limit_and_resumes_below(
     guillotina_main, monkeypatch, info_logs
 ):
@@ -76,9 +77,11 @@ async def test_max_load_pauses_consuming_above_the_limit_and_resumes_below(
         state = await add_task(app.add, 1, 2)
         # Then, while the load stays high, the task waits in the queue, not taken
         seen = worker.load_watch.readings
-        await wait_for(lambda: worker.load_watch.readings >= seen + 5, what="more load readings")
+        await wait_for(lambda: worker.load_watch.readings >= seen + 20, what="more load readings")
         assert await ready() == 1
         assert await state.get_status() == TaskStatus.SCHEDULED
+        # a paused worker is not an idle one: past kill_after it neither probes nor fails
+        assert worker.activity.probes_sent == 0 and not worker.failed.is_set()
 
         # When the load falls under the limit, then it takes the task
         load["now"] = 0.5
