@@ -10,7 +10,7 @@ worker stopping). Either way the function sees its context as plain data:
 """
 
 import asyncio
-import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -19,8 +19,10 @@ import inspect
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import pickle
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -117,22 +119,24 @@ async def call(func: Callable[..., Any], data: dict) -> Any:
 
 
 # -- threads ------------------------------------------------------------------
-_threads: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    # our own pool: long tasks must not starve the loop's default executor (DNS look-ups...)
-    global _threads
-    if _threads is None:
-        _threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="guillotina_amqp-task")
-    return _threads
-
-
 async def _in_thread(call: Callable[[], Any], context: TaskContext, limit: float | None) -> Any:
+    """`call()` in a thread of its own: a daemon thread, so one abandoned past its timeout
+    never holds the worker's exit (a pool's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
     # a fresh context: the thread gets plain data, not the loop's request, container or transaction
     ctx = contextvars.Context()
     ctx.run(_context.set, context)
-    future = asyncio.get_running_loop().run_in_executor(_thread_pool(), ctx.run, call)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (ctx.run(call), None)
+        except BaseException as exc:  # SystemExit in a task must not stop the worker: an error
+            outcome = (None, exc if isinstance(exc, Exception) else RuntimeError(f"the task raised {exc!r}"))
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+
+    threading.Thread(target=run, name=f"guillotina_amqp {context.task_id}", daemon=True).start()
     try:
         return await asyncio.wait_for(future, limit)
     except asyncio.TimeoutError:
@@ -140,15 +144,29 @@ async def _in_thread(call: Callable[[], Any], context: TaskContext, limit: float
         raise TimeoutError(f"ran past its timeout of {limit:g}s (its thread runs on, abandoned)") from None
 
 
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return  # abandoned (timeout, cancelled)
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 # -- processes ----------------------------------------------------------------
+#: seconds a process that answered gets to exit on its own (flushing its output) before it is killed
+EXIT_GRACE = 5.0
 _mp: multiprocessing.context.BaseContext | None = None
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
+async def _mp_context() -> multiprocessing.context.BaseContext:
     global _mp
     if _mp is None:
-        _mp = multiprocessing.get_context("forkserver")
-        _mp.set_forkserver_preload([__name__])  # type: ignore[attr-defined]
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload([__name__])  # type: ignore[attr-defined]
+        # starting the server imports guillotina_amqp: seconds the loop must not wait
+        await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
+        _mp = mp
     return _mp
 
 
@@ -163,7 +181,7 @@ class TaskProcessDied(RuntimeError):
 async def _in_process(
     func_name: str, args: list, kwargs: dict, context: TaskContext, limit: float | None
 ) -> Any:
-    mp = _mp_context()
+    mp = await _mp_context()
     receiver, sender = mp.Pipe(duplex=False)
     process = mp.Process(  # type: ignore[attr-defined]
         target=_child, args=(sender, func_name, args, kwargs, context, list(sys.path)), daemon=True
@@ -175,12 +193,17 @@ async def _in_process(
             await asyncio.wait_for(_readable(receiver.fileno()), limit)
         except asyncio.TimeoutError:
             raise TimeoutError(f"ran past its timeout of {limit:g}s; its process was killed") from None
-        return _answer(receiver, process)
+        answer = _receive(receiver)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_readable(process.sentinel), EXIT_GRACE)
     finally:
         if process.is_alive():
-            process.kill()  # past the limit, or the run was cancelled
+            process.kill()  # past the limit, cancelled, or lingering after its answer
         process.join()
         receiver.close()
+    if answer is None:
+        raise TaskProcessDied(f"the task's process exited with code {process.exitcode}")
+    return _answer(*answer)
 
 
 async def _readable(fd: int) -> None:
@@ -198,15 +221,20 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-def _answer(receiver: Any, process: Any) -> Any:
+def _receive(receiver: Any) -> tuple[bool, Any, str] | None:
+    """The child's (ok, result or exception, traceback); None if it died without answering."""
     try:
-        ok, value, text = receiver.recv()
+        return receiver.recv()
     except EOFError:
-        process.join()
-        raise TaskProcessDied(f"the task's process exited with code {process.exitcode}") from None
+        return None
+
+
+def _answer(ok: bool, value: Any, text: str) -> Any:
     if ok:
         return value
-    raise (value or RuntimeError(text.strip().splitlines()[-1])) from RemoteTraceback(text)
+    if not isinstance(value, Exception):  # unpicklable, or SystemExit & co: must not stop the worker
+        value = RuntimeError(text.strip().splitlines()[-1])
+    raise value from RemoteTraceback(text)
 
 
 def _child(sender: Any, func_name: str, args: list, kwargs: dict, context: TaskContext, path: list) -> None:

@@ -428,6 +428,8 @@ def sync_context() -> dict:
 
 
 def sync_fail(message: str) -> None:
+    if message == "exit":
+        raise SystemExit(3)
     raise ValueError(message)
 
 

@@ -49,6 +49,18 @@ async def test_an_exception_of_a_plain_def_errors_the_task_with_its_traceback(
     assert "in sync_fail" in final["error"]  # the frame where it was raised, even in another process
 
 
+@POOLS
+@NO_RETRIES
+async def test_a_plain_def_raising_system_exit_errors_and_the_worker_serves_on(
+    worker, outside_container, run_in
+):
+    state = await add_task(app.sync_fail, "exit", _run_in=run_in)
+    final = await state.join(wait=0.05)
+    assert final["status"] == TaskStatus.ERRORED
+    assert "SystemExit" in final["error"]
+    assert (await (await add_task(app.add, 1, 2)).join(wait=0.05))["result"] == 3
+
+
 @NO_RETRIES
 async def test_a_process_run_past_its_timeout_is_killed(worker, outside_container, tmp_path):
     marks = tmp_path / "sync"
