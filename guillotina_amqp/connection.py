@@ -354,5 +354,10 @@ def _waiting_tags(channel: Channel) -> list[int]:
 async def declare_queues(channel: Channel, settings: AMQPSettings) -> None:
     await channel.exchange_declare(settings.exchange, "direct", durable=True)
     for queue, arguments in names.topology(settings).items():
-        await channel.queue_declare(queue, durable=True, arguments=arguments)
-        await channel.queue_bind(queue, settings.exchange, routing_key=queue)
+        await declare_queue(channel, settings, queue, arguments)
+
+
+async def declare_queue(channel: Channel, settings: AMQPSettings, queue: str, arguments: dict) -> None:
+    """Declare a durable queue bound to the exchange under its own name (idempotent)."""
+    await channel.queue_declare(queue, durable=True, arguments=arguments)
+    await channel.queue_bind(queue, settings.exchange, routing_key=queue)

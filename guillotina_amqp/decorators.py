@@ -9,14 +9,18 @@ from guillotina.transactions import get_transaction
 from guillotina.utils import execute
 from zope.interface import implementer
 
-from guillotina_amqp import expiry, offload, registry
+from guillotina_amqp import control, expiry, offload, registry
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.state import TaskState
 
 
 @implementer(ITaskDefinition)
 class TaskDefinition:
-    """A registered task: `await definition(...)` schedules `func(...)` and returns its TaskState."""
+    """A registered task: `await definition(...)` schedules `func(...)` and returns its TaskState.
+
+    `options` (`timeout`, `max_retries`) apply to every call unless the call gives its
+    own (`_timeout=`, `_max_retries=`); ValueError naming an unknown or bad option.
+    """
 
     object_task = False
 
@@ -26,9 +30,11 @@ class TaskDefinition:
         retries: int = 3,
         expires: float | None = None,
         run_in: str | None = None,
+        **options: Any,
     ) -> None:
         self.func = func
         self.retries = retries
+        self.options = control.check_options(options)
         # when and where it runs (SPEC §12): checked now, so a bad one fails at import
         expiry.deadline(expires)
         if run_in is not None and self.object_task:
@@ -48,6 +54,8 @@ class TaskDefinition:
         from guillotina_amqp.utils import add_object_task, add_task
 
         kwargs.setdefault("_retries", self.retries)
+        for name, value in self.options.items():
+            kwargs.setdefault(f"_{name}", value)
         for name, value in self.when.items():
             kwargs.setdefault(name, value)
         if self.object_task:
@@ -94,16 +102,25 @@ def _current_transaction() -> Any:
 
 
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, **when: Any) -> Any:
+    def decorate(
+        func: Callable[..., Any] | None = None,
+        retries: int = 3,
+        expires: float | None = None,
+        run_in: str | None = None,
+        **options: Any,
+    ) -> Any:
+        control.check_options(options)  # at decoration, even before a function is given
         if func is None:
-            return lambda f: kind(f, retries=retries, **when)
-        return kind(func, retries=retries, **when)
+            return lambda f: kind(f, retries, expires, run_in, **options)
+        return kind(func, retries, expires, run_in, **options)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5)` or `task(func, retries=3)`; `expires=` (seconds) and
-#: `run_in="thread"|"process"` (plain `def` functions) say when and where it runs.
+#: `@task`, `@task(retries=5, timeout=30, max_retries=2)` or `task(func, retries=3)`;
+#: `retries` is how often publishing is tried again, `max_retries` how often a failed run is;
+#: `expires=` (seconds) and `run_in="thread"|"process"` (plain `def` functions) say when and
+#: where it runs.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

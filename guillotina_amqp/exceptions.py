@@ -82,3 +82,72 @@ class MessageNotRouted(AMQPError):
 
 class InvalidSettings(AMQPError, ValueError):
     """A setting cannot be read as its declared type; the message names it (never a secret's value)."""
+
+
+class TaskTimeout(AMQPError, TimeoutError):
+    """A run went past its `timeout`: it was cancelled and counts as a failure."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the task ran longer than its time limit (timeout={timeout:g}s) and was cancelled")
+        self.timeout = timeout
+
+
+class TaskErrored(AMQPError):
+    """`TaskState.result()` of an errored task; the message is the stored `error` (its traceback)."""
+
+
+class TaskCanceled(AMQPError):
+    """`TaskState.result()` of a canceled task; the message is the stored `error`, if any."""
+
+
+def _seconds(name: str, value: float | None) -> float | None:
+    """A delay in seconds as given to Retry/Reject: None or a non-negative finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a non-negative number of seconds or None, not {value!r}")
+    return float(value)
+
+
+class TaskControl(AMQPError):
+    """Raised by a task to steer its own message instead of failing (SPEC §11)."""
+
+
+class Retry(TaskControl):
+    """Run the task again after `delay` seconds (None: the retry policy's delay).
+
+    Counted like a failure against `max_retries`; `reason` is recorded in `error`.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str | None = None) -> None:
+        self.delay = _seconds("Retry(delay=)", delay)
+        self.reason = reason
+        super().__init__(reason or "retry requested")
+
+
+class Reject(TaskControl):
+    """Give the message back for another worker, after `delay` seconds (None: at once).
+
+    Not a failure: `job_retries` stays, the task is `scheduled` again.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        self.delay = _seconds("Reject(delay=)", delay)
+        super().__init__("rejected" if delay is None else f"rejected for {delay:g}s")
+
+
+class Discard(TaskControl):
+    """Drop the message: the task ends `canceled` with `reason` in `error`, never retried."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(reason or "discarded")
+
+
+class Fail(TaskControl):
+    """The task failed for good: it ends `errored` with `reason` in `error`, never retried
+    (its message goes to the error queue)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = str(reason)
+        super().__init__(self.reason)

@@ -17,14 +17,14 @@ FIELD = "expires"
 
 def deadline(expires: Any, now: float | None = None) -> float | None:
     """The epoch second `expires` ends at: None stays None, a number is seconds from `now`,
-    a datetime is taken as it is (a naive one as local time, like datetime.timestamp()).
+    a datetime is taken as it is (a naive one as UTC, like `_eta`).
 
     ValueError for a negative or non-finite number and for anything else.
     """
     if expires is None:
         return None
     if isinstance(expires, datetime):
-        return expires.timestamp()
+        return (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).timestamp()
     if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not 0 <= expires < math.inf:
         raise ValueError(f"_expires must be seconds >= 0 or a datetime, not {_shown(expires)}")
     return (time.time() if now is None else now) + expires

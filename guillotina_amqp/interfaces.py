@@ -80,3 +80,45 @@ class IStateManagerUtility(Interface):
 
     async def is_canceled(task_id):
         """Whether the task is in the cancel set."""
+
+
+class ITaskEvent(Interface):
+    """Something happened to a task (SPEC §11); subscribe with `configure.subscriber(for_=...)`."""
+
+    task_id = Attribute("the task's id")
+    dotted_name = Attribute("the task's function, as logs and metrics name it")
+
+
+class ITaskScheduledEvent(ITaskEvent):
+    """`add_task` recorded the task `scheduled` (in the scheduling process)."""
+
+
+class ITaskStartedEvent(ITaskEvent):
+    """A worker claimed the task and is about to run it."""
+
+
+class ITaskFinishedEvent(ITaskEvent):
+    """The task returned; `result` is what it returned."""
+
+    result = Attribute("the task's result")
+
+
+class ITaskErroredEvent(ITaskEvent):
+    """A run of the task failed (it may still be retried: an ITaskRetriedEvent follows then)."""
+
+    exception = Attribute("the exception the run raised (TaskTimeout past its time limit)")
+    error = Attribute("the error recorded in the state (a traceback, or a reason)")
+
+
+class ITaskRetriedEvent(ITaskEvent):
+    """The task will run again after `delay` seconds (a failure, or `Retry`)."""
+
+    exception = Attribute("the exception the run raised")
+    error = Attribute("the error recorded in the state")
+    delay = Attribute("seconds before the next run")
+
+
+class ITaskCanceledEvent(ITaskEvent):
+    """The task ended `canceled`: cancelled, or `Discard`ed (then `reason` says why)."""
+
+    reason = Attribute("Discard's reason, or None")

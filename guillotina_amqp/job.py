@@ -9,6 +9,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -19,9 +20,19 @@ from guillotina.component import get_utility
 from guillotina.interfaces import IApplication
 
 from guillotina_amqp import context, offload, registry
-from guillotina_amqp.exceptions import ContainerNotFound, ObjectNotFoundException, ResultNotStorable
+from guillotina_amqp.exceptions import (
+    ContainerNotFound,
+    Discard,
+    Fail,
+    ObjectNotFoundException,
+    Reject,
+    ResultNotStorable,
+    Retry,
+    TaskControl,
+    TaskTimeout,
+)
 from guillotina_amqp.interfaces import MessageType
-from guillotina_amqp.names import OBJECT_TASK_WRAPPERS
+from guillotina_amqp.names import OBJECT_TASK_WRAPPERS, task_name
 from guillotina_amqp.settings import AMQPSettings, get_settings
 from guillotina_amqp.state.manager import StateManager, get_state_manager
 from guillotina_amqp.task_vars import amqp_job
@@ -34,6 +45,14 @@ class Outcome(enum.Enum):
     ERRORED = "errored"
     CANCELED = "canceled"
     INTERRUPTED = "interrupted"  # worker shutting down: leave the message for redelivery
+    # the task steered its message by raising (SPEC §11)
+    RETRY = "retry"
+    REJECTED = "rejected"
+    DISCARDED = "discarded"
+    FAILED = "failed"
+
+
+_STEERED = {Retry: Outcome.RETRY, Reject: Outcome.REJECTED, Discard: Outcome.DISCARDED, Fail: Outcome.FAILED}
 
 
 class Job:
@@ -63,6 +82,8 @@ class Job:
             registry.resolve(data["args"][0], settings)
         self.result: Any = None
         self.error: str | None = None
+        #: what the run raised (a TaskControl the task steered its message with, or its failure)
+        self.exception: BaseException | None = None
         self.cancel_requested = False
         self.started: float | None = None
         self.retries = 0
@@ -77,15 +98,24 @@ class Job:
         return self.data.get("run", "")
 
     @property
+    def timeout(self) -> float | None:
+        """The run's time limit in seconds: the message's, else `amqp.task_timeout`."""
+        timeout = self.data.get("timeout")
+        return timeout if timeout is not None else self.settings.task_timeout
+
+    @property
+    def max_retries(self) -> int | None:
+        """The message's own retry limit; None: the worker's `max_task_retries`."""
+        return self.data.get("max_retries")
+
+    @property
     def is_object_task(self) -> bool:
         return self.data["func"] in OBJECT_TASK_WRAPPERS
 
     @property
     def dotted_name(self) -> str:
         """The function's name as metrics and logs show it."""
-        if self.is_object_task:
-            return f"run_object_task/{self.data['args'][0]}"
-        return self.data["func"]
+        return task_name(self.data["func"], self.data.get("args") or ())
 
     #: the original plugin's name for dotted_name
     function_name = dotted_name
@@ -107,8 +137,10 @@ class Job:
         self.started = time.monotonic()
         amqp_job.set(self)
         try:
-            self.result = await self._run_in_context()
+            self.result = await self._run_limited()
             return Outcome.FINISHED
+        except TaskControl as exc:
+            return self._steered(exc)
         except ObjectNotFoundException as exc:
             return self._gone(exc)
         except ContainerNotFound as exc:
@@ -127,10 +159,33 @@ class Job:
         self.result = None
         return Outcome.FINISHED
 
+    def _steered(self, exc: TaskControl) -> Outcome:
+        self.exception = exc
+        self.error = str(exc)
+        logger.info("%s raised %s: %s", self.label, type(exc).__name__, exc)
+        for kind, outcome in _STEERED.items():
+            if isinstance(exc, kind):
+                return outcome
+        return self._failed()  # a bare TaskControl steers nothing: a failure
+
     def _failed(self) -> Outcome:
+        self.exception = sys.exc_info()[1]
         self.error = traceback.format_exc()
         logger.error("%s failed:\n%s", self.label, self.error)
         return Outcome.ERRORED
+
+    async def _run_limited(self) -> Any:
+        """The run, cancelled past its time limit (TaskTimeout); the loop serves others meanwhile."""
+        if self.timeout is None:
+            return await self._run_in_context()
+        limit = asyncio.timeout(self.timeout)
+        try:
+            async with limit:
+                return await self._run_in_context()
+        except TimeoutError:
+            if limit.expired():
+                raise TaskTimeout(self.timeout) from None
+            raise
 
     async def _run_in_context(self) -> Any:
         req_data = self.data.get("req_data") or {}

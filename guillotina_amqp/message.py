@@ -13,7 +13,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp import expiry, offload
+from guillotina_amqp import control, expiry, offload, timing
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -25,8 +25,10 @@ _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
-#: When and where it runs (SPEC §12): its deadline, its pool, its time limit (seconds).
-FIELDS |= frozenset({"expires", "run_in", "timeout"})
+#: Per-task options (SPEC §11), present only when the task or the call set them.
+FIELDS |= frozenset(control.OPTIONS)
+#: When the task may start, its deadline, where a plain def runs (SPEC §12), present only when set.
+FIELDS |= {"eta", "expires", "run_in"}
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -249,6 +251,15 @@ def _check_fields(message: dict, task_id: str | None) -> None:
     for name in ("db_id", "container_id"):
         if not isinstance(message.setdefault(name, None), (str, type(None))):
             raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
+    for name, check in control.OPTIONS.items():
+        try:
+            check(message.get(name), f"'{name}'")
+        except ValueError as exc:
+            raise InvalidMessage(str(exc), task_id) from None
+    try:
+        timing.check_eta(message.get("eta"))
+    except ValueError as exc:
+        raise InvalidMessage(str(exc), task_id) from None
     _check_request(message["req_data"], task_id)
     _check_when(message, task_id)
 

@@ -5,6 +5,8 @@ so the arguments here are exactly those of SPEC §3 and never change; quorum que
 (`amqp.queue_type: quorum`) add theirs under names of their own (settings.QUORUM_SUFFIX).
 """
 
+import bisect
+import math
 import string
 import uuid
 from typing import Any
@@ -20,12 +22,57 @@ OBJECT_TASK_WRAPPERS = frozenset(
 )
 
 
+def task_name(func: str, args: list | tuple) -> str:
+    """A task's function as logs, metrics and events name it (object tasks by their callable)."""
+    if func in OBJECT_TASK_WRAPPERS and args:
+        return f"run_object_task/{args[0]}"
+    return func
+
+
 def delay_queue(queue: str) -> str:
     return f"{queue}-delay"
 
 
 def error_queue(queue: str) -> str:
     return f"{queue}-error"
+
+
+#: Delay tiers (SPEC §11): fixed-TTL queues of 100 ms * 2^(k/4), each about 19% longer than the
+#: one before, up to about 19 days. A per-message TTL only expires at a queue's head, so a
+#: delay needs a queue whose every message waits as long; the original's queues stay as they are.
+DELAY_TIERS_MS = tuple(math.ceil(100 * 2 ** (k / 4)) for k in range(97))
+#: How long an unused tier queue outlives the last message put in it (RabbitMQ's x-expires)
+TIER_EXPIRES_AFTER_MS = 60000
+
+
+def delay_tier_ms(delay_ms: float) -> int:
+    """The TTL of the shortest delay tier holding a message at least `delay_ms` (capped)."""
+    index = bisect.bisect_left(DELAY_TIERS_MS, delay_ms)
+    return DELAY_TIERS_MS[min(index, len(DELAY_TIERS_MS) - 1)]
+
+
+def delay_tier_floor_ms(delay_ms: float) -> int | None:
+    """The TTL of the longest delay tier not past `delay_ms`; None below the shortest tier."""
+    index = bisect.bisect_right(DELAY_TIERS_MS, delay_ms)
+    return DELAY_TIERS_MS[index - 1] if index else None
+
+
+def delay_tier_queue(queue: str, ttl_ms: int) -> str:
+    return f"{queue}-delay-{ttl_ms}ms"
+
+
+def delay_tier(settings: AMQPSettings, delay_ms: float) -> tuple[str, dict[str, Any]]:
+    """(name, declaration arguments) of the tier queue that delays a message `delay_ms` or a
+    little more, then dead-letters it back to the main queue. Tiers are declared on use and
+    expire once unused, so their number never grows on the broker."""
+    ttl = delay_tier_ms(delay_ms)
+    return delay_tier_queue(settings.queue, ttl), {
+        "x-dead-letter-exchange": settings.exchange,
+        "x-dead-letter-routing-key": settings.queue,
+        "x-message-ttl": ttl,
+        # declared again before every use: idle for longer, its last message is long gone
+        "x-expires": 2 * ttl + TIER_EXPIRES_AFTER_MS,
+    }
 
 
 def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:

@@ -1,12 +1,12 @@
 """Plain `def` tasks run off the event loop (SPEC §12): `@task(run_in="thread" | "process")`.
 
-The loop keeps serving other tasks meanwhile. A thread cannot be stopped: past the
-task's `timeout` its result is abandoned (the thread runs on until the function
-returns). A process run is its own process, forked from a server process (the
-forkserver start method: never a fork of the worker's threads and connections),
-and is killed at its limit, or whenever the run is cancelled (task canceled,
-worker stopping). Either way the function sees its context as plain data:
-`get_task_context()` returns a TaskContext (task id, user, roles, container ids).
+The loop keeps serving other tasks meanwhile. The task's `timeout` (and a cancel,
+or the worker stopping) cancels the run like any other: a thread cannot be stopped,
+so its result is abandoned (the thread runs on until the function returns); a
+process run is its own process, forked from a server process (the forkserver start
+method: never a fork of the worker's threads and connections), and is killed.
+Either way the function sees its context as plain data: `get_task_context()`
+returns a TaskContext (task id, user, roles, container ids).
 """
 
 import asyncio
@@ -17,7 +17,6 @@ import functools
 import importlib
 import inspect
 import logging
-import math
 import multiprocessing
 import multiprocessing.forkserver
 import pickle
@@ -95,33 +94,28 @@ def check_run_in(func: Callable[..., Any] | str, run_in: Any) -> str | None:
 
 
 def check_field(message: dict) -> str | None:
-    """What is wrong with a message's `run_in` or `timeout` field (None when they are fine)."""
+    """What is wrong with a message's `run_in` field (None when it is fine)."""
     if message.get("run_in") not in (None, *RUN_IN):
         return "'run_in' is neither 'thread', 'process' nor null"
-    timeout = message.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
-    ):
-        return "'timeout' is not a positive number of seconds"
     return None
 
 
 async def call(func: Callable[..., Any], data: dict) -> Any:
-    """`func(*args, **kwargs)` of message `data` in its `run_in` pool, within its `timeout`."""
+    """`func(*args, **kwargs)` of message `data` in its `run_in` thread or process."""
     context = TaskContext.of(data)
-    run_in, limit = data.get("run_in"), data.get("timeout")
+    run_in = data.get("run_in")
     args, kwargs = data["args"], data["kwargs"]
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError(f"run_in={run_in!r} is for plain `def` functions, not {data['func']}")
     if run_in == PROCESS:
-        return await _in_process(data["func"], args, kwargs, context, limit)
-    return await _in_thread(functools.partial(func, *args, **kwargs), context, limit)
+        return await _in_process(data["func"], args, kwargs, context)
+    return await _in_thread(functools.partial(func, *args, **kwargs), context)
 
 
 # -- threads ------------------------------------------------------------------
-async def _in_thread(call: Callable[[], Any], context: TaskContext, limit: float | None) -> Any:
-    """`call()` in a thread of its own: a daemon thread, so one abandoned past its timeout
-    never holds the worker's exit (a pool's threads are joined at exit)."""
+async def _in_thread(call: Callable[[], Any], context: TaskContext) -> Any:
+    """`call()` in a thread of its own: a daemon thread, so one abandoned (the run was
+    cancelled, its timeout passed) never holds the worker's exit (a pool's threads are)."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
     # a fresh context: the thread gets plain data, not the loop's request, container or transaction
@@ -138,10 +132,10 @@ async def _in_thread(call: Callable[[], Any], context: TaskContext, limit: float
 
     threading.Thread(target=run, name=f"guillotina_amqp {context.task_id}", daemon=True).start()
     try:
-        return await asyncio.wait_for(future, limit)
-    except asyncio.TimeoutError:
-        logger.warning("Task %s: thread abandoned past its %gs timeout", context.task_id, limit)
-        raise TimeoutError(f"ran past its timeout of {limit:g}s (its thread runs on, abandoned)") from None
+        return await future
+    except asyncio.CancelledError:
+        logger.warning("Task %s: its thread is abandoned and runs on until it returns", context.task_id)
+        raise
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
@@ -178,9 +172,7 @@ class TaskProcessDied(RuntimeError):
     """A task's process ended without an answer (killed, or exited)."""
 
 
-async def _in_process(
-    func_name: str, args: list, kwargs: dict, context: TaskContext, limit: float | None
-) -> Any:
+async def _in_process(func_name: str, args: list, kwargs: dict, context: TaskContext) -> Any:
     mp = await _mp_context()
     receiver, sender = mp.Pipe(duplex=False)
     process = mp.Process(  # type: ignore[attr-defined]
@@ -189,16 +181,13 @@ async def _in_process(
     process.start()
     sender.close()  # the child holds the only writer: its death reads as end of file
     try:
-        try:
-            await asyncio.wait_for(_readable(receiver.fileno()), limit)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"ran past its timeout of {limit:g}s; its process was killed") from None
+        await _readable(receiver.fileno())
         answer = _receive(receiver)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(_readable(process.sentinel), EXIT_GRACE)
     finally:
         if process.is_alive():
-            process.kill()  # past the limit, cancelled, or lingering after its answer
+            process.kill()  # cancelled (timeout, cancel, stopping), or lingering after its answer
         process.join()
         receiver.close()
     if answer is None:

@@ -9,7 +9,7 @@ from aioamqp.channel import Channel
 from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
-from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
+from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue
 from guillotina_amqp.exceptions import MessageNotRouted
 from guillotina_amqp.settings import AMQPSettings
 
@@ -111,6 +111,10 @@ class Publisher:
             logger.warning("Publish to %s was not routed; declaring the queues again", routing_key)
             assert self.connection is not None
             await self.connection.declare_topology()
+
+    async def declare_queue(self, queue: str, arguments: dict) -> None:
+        """Declare (and bind) a queue outside the fixed topology, e.g. a delay tier."""
+        await declare_queue(await self._ready_channel(), self.settings, queue, arguments)
 
     def _properties(self, body: bytes, headers: dict | None) -> dict[str, Any]:
         # message_id tells which publish a basic.return is about

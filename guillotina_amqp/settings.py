@@ -72,6 +72,11 @@ class AMQPSettings:
     # beyond one machine (SPEC §14)
     hosts: tuple[str, ...] = ()
     queue_type: str = "classic"
+    # task control (SPEC §11)
+    task_timeout: float | None = None
+    retry_backoff: bool = False
+    retry_backoff_max_ms: int = 3600000
+    eager: bool = False
     # top level of the configuration, not in the block
     redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})
 

@@ -15,11 +15,23 @@ from guillotina.interfaces import IRequest
 from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
-from guillotina_amqp import context, expiry, metrics, offload, registry, settings
+from guillotina_amqp import (
+    context,
+    control,
+    eager,
+    events,
+    expiry,
+    metrics,
+    names,
+    offload,
+    registry,
+    settings,
+    timing,
+)
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import check_task_id, task_id_prefix
+from guillotina_amqp.names import check_task_id, task_id_prefix, task_name
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
@@ -74,6 +86,10 @@ async def add_task(
     _request: IRequest | None = None,
     _retries: int = 3,
     _task_id: str | None = None,
+    _timeout: float | None = None,
+    _max_retries: int | None = None,
+    _countdown: float | None = None,
+    _eta: datetime | float | None = None,
     _expires: float | datetime | None = None,
     _run_in: str | None = None,
     **kwargs: Any,
@@ -84,8 +100,14 @@ async def add_task(
     once RabbitMQ confirmed it. It runs as the current user, inside the
     current container (if any). `_retries`: how many times publishing is tried
     again over a new connection; `_task_id`: use this id instead of a new one
-    (an id whose earlier run ended runs again, as a new run). Without an `amqp`
-    settings block, logs a warning and returns None.
+    (an id whose earlier run ended runs again, as a new run); `_timeout`: seconds
+    the task may run before it is cancelled and counted as failed (TaskTimeout);
+    `_max_retries`: how often a failed run is retried (both override the task's
+    decorator and the settings); `_countdown` (seconds) or `_eta` (a datetime, naive
+    = UTC, or an epoch second): the task does not start before then (it waits in the
+    broker; state `scheduled` with `eta`; a past `_eta` runs now). With `amqp.eager`
+    the task runs here and now (SPEC §11), no broker involved. Without an `amqp` settings block, logs a
+    warning and returns None.
 
     When and where it runs (SPEC §12): `_expires` (seconds from now, or a datetime):
     not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
@@ -93,10 +115,15 @@ async def add_task(
 
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
-    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved. Nothing
-    is published then. ValueError too for a negative `_expires` or an unknown `_run_in`.
+    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
+    `_timeout` that is not a positive number or a `_max_retries` below 0, a
+    negative `_expires` or an unknown `_run_in`. Nothing is published then.
     """
-    when = _when(func, _expires, _run_in)
+    options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
+    options |= _when(func, _expires, _run_in)
+    eta = timing.start_at(_countdown, _eta)
+    if eta is not None:
+        options["eta"] = eta
     if not settings.is_configured():
         logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
         return None
@@ -109,6 +136,7 @@ async def add_task(
     run = messages.new_run()
     body = messages.encode(
         {
+            **options,
             "func": _dotted_name(func),
             "args": list(args),
             "kwargs": kwargs,
@@ -117,12 +145,16 @@ async def add_task(
             "task_id": task_id,
             "run": run,
             "req_data": messages.request_data(request, get_authenticated_user(), container),
-            **when,
         },
         config,
     )
-    await get_publisher(config).publish(body, config.queue, retries=_retries)
-    await get_state_manager().create(task_id, initial_state(run))
+    if not config.eager:
+        await _publish(body, config, timing.wait_ms(eta), _retries)
+    waiting = {"eta": eta} if eta is not None else {}
+    await get_state_manager().create(task_id, initial_state(run) | waiting)
+    await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
+    if config.eager:
+        await eager.run(body, config)
     return TaskState(task_id)
 
 
@@ -130,6 +162,16 @@ def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
     """The message fields saying when and where the task runs (only those that are set)."""
     fields = {"expires": expiry.deadline(expires), "run_in": offload.check_run_in(_unwrap(func), run_in)}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+async def _publish(body: bytes, config: settings.AMQPSettings, wait_ms: int | None, retries: int) -> None:
+    """To the main queue, or into the delay tier a task waiting for its start sits in."""
+    publisher = get_publisher(config)
+    queue = config.queue
+    if wait_ms is not None:
+        queue, arguments = names.delay_tier(config, wait_ms)
+        await publisher.declare_queue(queue, arguments)
+    await publisher.publish(body, queue, retries=retries)
 
 
 async def add_object_task(

@@ -2,7 +2,7 @@
 
 Every delivery is handled in its own asyncio task (aioamqp calls the consumer
 from its frame reader, which must never wait on the broker). Each path through
-`_handle` returns a Disposition (ack, delay, dead-letter, leave); `_dispose` is
+`_handle` returns a Disposition (ack, delay, dead-letter, requeue, leave); `_dispose` is
 the single place that acts on it. Any exception while decoding, verifying or
 building a job refuses the message into the error queue: nothing escapes.
 """
@@ -18,14 +18,24 @@ from typing import Any, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import expiry, liveness, metrics, names, periodic_tasks, recycling
+from guillotina_amqp import (
+    control,
+    events,
+    expiry,
+    liveness,
+    metrics,
+    names,
+    periodic_tasks,
+    recycling,
+    timing,
+)
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
-from guillotina_amqp.exceptions import InvalidMessage, TaskStateUnusable
+from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
 from guillotina_amqp.publishing import Publisher
-from guillotina_amqp.settings import get_settings
-from guillotina_amqp.state.manager import CLAIMED, DONE, LOCKED, get_state_manager
+from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.state.manager import CANCELED, CLAIMED, DONE, LOCKED, get_state_manager
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
@@ -42,16 +52,32 @@ class Action(enum.Enum):
     ACK = "ack"
     DELAY = "delay"  # through the delay queue, back to the main queue later
     DEAD_LETTER = "dead-letter"  # into the error queue
-    REQUEUE = "requeue"  # back to the main queue at once
+    REQUEUE = "requeue"  # back to the main queue at once (a task's Reject, --max-tasks)
     LEAVE = "leave"  # unacked: the broker redelivers it when our channel closes
 
 
 class Disposition(NamedTuple):
-    """What should happen to a message; `counter` names the header that counts a delay."""
+    """What should happen to a message; `counter` names the header that counts a delay,
+    `delay_ms` how long it waits (None: the delay queue's own delayed_ttl_ms)."""
 
     action: Action
     label: str
     counter: str | None = None
+    delay_ms: int | None = None
+
+
+def delay_seconds(settings: AMQPSettings, delay_ms: int | None) -> float:
+    """How long a DELAY disposition holds the message: its delay tier, or the delay queue's TTL."""
+    return (settings.delayed_ttl_ms if delay_ms is None else names.delay_tier_ms(delay_ms)) / 1000
+
+
+def counted(headers: dict | None, counter: str | None) -> dict:
+    """The headers of a copy we republish: the broker's death records dropped, `counter` (if any)
+    one higher."""
+    forwarded = messages.forwarded_headers(headers)
+    if counter is not None:
+        forwarded[counter] = _count(headers, counter) + 1
+    return forwarded
 
 
 def _count(headers: dict | None, name: str) -> int:
@@ -329,6 +355,11 @@ class Worker:
             return await self._handle_probe(delivery)
         data = messages.decode(delivery.body, delivery.headers, self.settings)
         job = Job(data, self.settings, self.state_manager)
+        wait = timing.wait_ms(data.get("eta"))
+        if wait is not None:
+            # not its time yet: back into a delay tier, uncounted, without taking a slot
+            return Disposition(Action.DELAY, job.label, delay_ms=wait)
+        await timing.until(data.get("eta"))
         if self.quota.full:
             return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
         assert self._slots is not None
@@ -381,17 +412,21 @@ class Worker:
             return Disposition(Action.DEAD_LETTER, job.label)
         if claim.outcome != CLAIMED:
             logger.info("%s is %s; skipping it", job.label, claim.outcome)
+            if claim.outcome == CANCELED:
+                await self._notify(events.TaskCanceledEvent, job)
             return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
         too_late = expiry.expired(job.data)
         if too_late:
             return await self._expire(job, too_late)
+        await self._notify(events.TaskStartedEvent, job)
         return await self._settle(job, await self._run(job))
 
     async def _expire(self, job: Job, reason: str) -> Disposition:
         """Past its `_expires` deadline before it could start: never run, canceled."""
         logger.info("%s %s; canceling it", job.label, reason)
         await self._record(job, {"status": TaskStatus.CANCELED, "error": reason}, final=True)
+        await self._notify(events.TaskCanceledEvent, job, reason=reason)
         return Disposition(Action.ACK, job.label)
 
     async def _run(self, job: Job) -> Outcome:
@@ -415,26 +450,60 @@ class Worker:
             await self._record(job, {"status": TaskStatus.SCHEDULED})
             logger.warning("%s interrupted; left for redelivery", job.label)
             return Disposition(Action.LEAVE, job.label)
+        if outcome is Outcome.REJECTED:
+            return await self._give_back(job)
         self.total_run += 1
         metrics.observe(job.dotted_name, outcome.value, job.data.get("container_id"), job.duration)
         if outcome is Outcome.FINISHED:
             await self._record(job, {"status": TaskStatus.FINISHED, "result": job.result}, final=True)
+            await self._notify(events.TaskFinishedEvent, job, result=job.result)
             return Disposition(Action.ACK, job.label)
-        if outcome is Outcome.CANCELED:
-            await self._record(job, {"status": TaskStatus.CANCELED}, final=True)
+        if outcome in (Outcome.CANCELED, Outcome.DISCARDED):
+            canceled: dict[str, Any] = {"status": TaskStatus.CANCELED}
+            reason = job.error if outcome is Outcome.DISCARDED else None
+            if reason is not None:
+                canceled["error"] = reason
+            await self._record(job, canceled, final=True)
             await self.state_manager.clean_canceled(job.task_id)
+            await self._notify(events.TaskCanceledEvent, job, reason=reason)
             return Disposition(Action.ACK, job.label)
         self.total_errored += 1
-        failed = {"status": TaskStatus.ERRORED, "error": job.error}
-        if self._exhausted(job.retries):
-            await self._record(job, {**failed, "job_retries": job.retries}, final=True)
-            logger.error("%s failed %s times; sending it to the error queue", job.label, job.retries + 1)
-            return Disposition(Action.DEAD_LETTER, job.label)
-        await self._record(job, {**failed, "job_retries": job.retries + 1})
-        return Disposition(Action.DELAY, job.label)
+        return await self._failed(job, outcome)
 
-    def _exhausted(self, retries: int) -> bool:
-        return self.max_task_retries is not None and retries >= self.max_task_retries
+    async def _failed(self, job: Job, outcome: Outcome) -> Disposition:
+        """A failed run (or a task's Retry): delayed for its next run, or errored for good."""
+        failed = {"status": TaskStatus.ERRORED, "error": job.error}
+        what = {"exception": job.exception, "error": job.error}
+        if outcome is Outcome.FAILED or self._exhausted(job.retries, job.max_retries):
+            await self._record(job, {**failed, "job_retries": job.retries}, final=True)
+            await self._notify(events.TaskErroredEvent, job, **what)
+            why = "failed for good" if outcome is Outcome.FAILED else f"failed {job.retries + 1} times"
+            logger.error("%s %s; sending it to the error queue", job.label, why)
+            return Disposition(Action.DEAD_LETTER, job.label)
+        requested = job.exception.delay if isinstance(job.exception, Retry) else None
+        delay_ms = control.retry_delay_ms(self.settings, job.retries, requested)
+        await self._record(job, {**failed, "job_retries": job.retries + 1})
+        if outcome is Outcome.ERRORED:
+            await self._notify(events.TaskErroredEvent, job, **what)
+        delay = delay_seconds(self.settings, delay_ms)
+        await self._notify(events.TaskRetriedEvent, job, delay=delay, **what)
+        return Disposition(Action.DELAY, job.label, delay_ms=delay_ms)
+
+    async def _give_back(self, job: Job) -> Disposition:
+        """A task's Reject: not a failure, not counted; scheduled again for any worker."""
+        await self._record(job, {"status": TaskStatus.SCHEDULED})
+        delay = job.exception.delay if isinstance(job.exception, Reject) else None
+        if delay is None:
+            return Disposition(Action.REQUEUE, job.label)
+        return Disposition(Action.DELAY, job.label, delay_ms=round(delay * 1000))
+
+    async def _notify(self, kind: type[events.TaskEvent], job: Job, **details: Any) -> None:
+        await events.notify(kind(job.task_id, job.dotted_name, **details))
+
+    def _exhausted(self, retries: int, limit: int | None = None) -> bool:
+        """Whether `retries` reached `limit` (the task's own), else the worker's max_task_retries."""
+        limit = self.max_task_retries if limit is None else limit
+        return limit is not None and retries >= limit
 
     async def _record(self, job: Job, data: dict, final: bool = False) -> None:
         """Write the run's outcome; an ended run's state expires state_ttl later, a live one never."""
@@ -492,14 +561,22 @@ class Worker:
         if action is Action.ACK:
             await self._ack(delivery, label)
         elif action is Action.DEAD_LETTER:
-            await self._move(delivery, names.error_queue(self.settings.queue), label)
+            await self._move(delivery, label, names.error_queue(self.settings.queue))
         elif action is Action.REQUEUE:
             await self._nack(delivery, label, requeue=True)
         elif action is Action.DELAY:
-            await self._move(delivery, names.delay_queue(self.settings.queue), label, disposition.counter)
+            await self._move(delivery, label, None, disposition.counter, disposition.delay_ms)
 
-    async def _move(self, delivery: Delivery, queue: str, label: str, counter: str | None = None) -> None:
-        """Republish to `queue` (confirmed), counting why in a header, then ack the original.
+    async def _move(
+        self,
+        delivery: Delivery,
+        label: str,
+        queue: str | None,
+        counter: str | None = None,
+        delay_ms: int | None = None,
+    ) -> None:
+        """Republish to `queue` (None: the delay queue, or the delay tier for `delay_ms`),
+        confirmed, counting why in a header, then ack the original.
 
         Dead letters are moved this way too, not nacked into the main queue's dead-letter
         exchange: RabbitMQ 3.10's dead-lettering crashes the queue process on a malformed
@@ -511,19 +588,28 @@ class Worker:
             # the broker already requeued the original: a copy would make it run twice
             logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
-        headers = messages.forwarded_headers(delivery.headers)
-        if counter is not None:
-            headers[counter] = _count(delivery.headers, counter) + 1
         try:
-            await self.publisher.publish(delivery.body, queue, retries=1, headers=headers)
+            queue = queue or await self._delay_queue(delay_ms)
+            await self.publisher.publish(
+                delivery.body, queue, retries=1, headers=counted(delivery.headers, counter)
+            )
         except Exception:
             # unacked on a live channel it would sit there until we disconnect: hand it back
             # to the main queue instead (after a pause, not to spin while the broker struggles)
-            logger.exception("%s: could not publish to %s; requeueing it", label, queue)
+            logger.exception("%s: could not publish to %s; requeueing it", label, queue or "a delay queue")
             await asyncio.sleep(REQUEUE_PAUSE)
             await self._nack(delivery, label, requeue=True)
             return
         await self._ack(delivery, label)
+
+    async def _delay_queue(self, delay_ms: int | None) -> str:
+        """The original's delay queue, or the delay tier for `delay_ms` (declared before use)."""
+        assert self.publisher is not None
+        if delay_ms is None:
+            return names.delay_queue(self.settings.queue)
+        queue, arguments = names.delay_tier(self.settings, delay_ms)
+        await self.publisher.declare_queue(queue, arguments)
+        return queue
 
     async def _ack(self, delivery: Delivery, label: str) -> None:
         try:

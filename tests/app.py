@@ -401,10 +401,78 @@ async def sleep_then_add(seconds: float, a: int, b: int) -> int:
     return a + b
 
 
-# -- when and where tasks run (tests/test_when.py, test_offload.py) --
+# -- task control (tests/test_control.py, SPEC §11) --
+
+import time  # noqa: E402
+
+from guillotina_amqp.exceptions import Discard, Fail, Reject, Retry  # noqa: E402
+from guillotina_amqp.interfaces import ITaskEvent  # noqa: E402
+
+
+def _stamp(path: str) -> int:
+    """Append the time of this run to `path`; return the run's number (1 for the first)."""
+    with open(path, "a") as fh:
+        fh.write(f"{time.time()}\n")
+    return len(open(path).read().splitlines())
+
+
+async def steer(path: str, how: str, delay: float | None = None, times: int = 1) -> int:
+    """For its first `times` runs raise what `how` names (retry, reject, discard, fail);
+    then return the run's number."""
+    run = _stamp(path)
+    if run > times:
+        return run
+    raise {
+        "retry": lambda: Retry(delay=delay, reason=f"not yet (run {run})"),
+        "reject": lambda: Reject(delay=delay),
+        "discard": lambda: Discard(reason="nothing left to do"),
+        "fail": lambda: Fail("the server said 404"),
+    }[how]()
+
+
+async def stamp_and_fail(path: str) -> None:
+    _stamp(path)
+    raise RuntimeError("failing on purpose")
+
+
+@task(timeout=0.5, max_retries=0)
+async def limited_sleep(path: str, seconds: float) -> float:
+    return await sleep_then_mark(path, seconds) and seconds
+
+
+#: every task event received, in order, for tests to filter by task id
+EVENTS: list[Any] = []
+#: task ids whose events make `failing_subscriber` raise
+ANGRY_ABOUT: set[str] = set()
+
+
+@configure.subscriber(for_=ITaskEvent, priority=1)
+def failing_subscriber(event: Any) -> None:
+    """Runs first and raises for the tasks a test names: the task and the others must not care."""
+    if event.task_id in ANGRY_ABOUT:
+        raise RuntimeError(f"subscriber fails on purpose for {event.task_id}")
+
+
+@configure.subscriber(for_=ITaskEvent)
+async def record_event(event: Any) -> None:
+    EVENTS.append(event)
+
+
+def events_of(task_id: str) -> list[Any]:
+    """The events a task's subscribers were told, in order."""
+    return [event for event in EVENTS if event.task_id == task_id]
+
+
+async def stamp(path: str = "") -> float:
+    """The time the task ran (and a line in `path`, if given)."""
+    if path:
+        await write_marker(path)
+    return time.time()
+
+
+# -- when and where tasks run (tests/test_expiry.py, test_offload.py, test_periodic.py) --
 
 import dataclasses  # noqa: E402
-import time  # noqa: E402
 
 from guillotina_amqp import get_task_context  # noqa: E402
 

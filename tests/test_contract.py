@@ -49,6 +49,11 @@ SPEC_DEFAULTS = {
     # ours (beyond one machine, SPEC §14)
     "hosts": (),
     "queue_type": "classic",
+    # ours (task control, SPEC §11)
+    "task_timeout": None,
+    "retry_backoff": False,
+    "retry_backoff_max_ms": 3600000,
+    "eager": False,
 }
 
 #: TTLs that differ from both the defaults and conftest's, to see them reach the queue arguments.

@@ -124,3 +124,13 @@ async def test_unacked_messages_are_redelivered_when_their_channel_closes(amqp_c
 
     await wait_for(lambda: len(delivered) == 2, what="the redelivery")
     assert delivered[1] == (second, True)
+
+
+@pytest.mark.usefixtures("outside_container")
+async def test_retry_delays_go_through_a_delay_tier_on_the_mock_broker_too(amqp_worker, tmp_path):
+    marker = tmp_path / "runs"
+    state = await add_task("tests.app.steer", str(marker), "retry", 0.3)
+
+    assert await state.result(timeout=30) == 2
+    tier = f"{get_settings().queue}-delay-337ms"  # 0.3 s rounded up to its tier
+    assert [p.routing_key for p in task_messages()] == [get_settings().queue, tier]

@@ -1,8 +1,15 @@
 """TaskState: a handle on one task's state (SPEC §1)."""
 
-from typing import Any
+import asyncio
+from typing import Any, Callable
 
-from guillotina_amqp.exceptions import TaskAlreadyAcquired, TaskNotFinishedException, TaskNotFoundException
+from guillotina_amqp.exceptions import (
+    TaskAlreadyAcquired,
+    TaskCanceled,
+    TaskErrored,
+    TaskNotFinishedException,
+    TaskNotFoundException,
+)
 from guillotina_amqp.state.manager import StateManager, get_state_manager
 from guillotina_amqp.state.status import FINAL_STATUSES, TaskStatus
 
@@ -41,18 +48,34 @@ class TaskState:
             raise TaskNotFinishedException(self.task_id)
         return state.get("result")
 
-    async def join(self, wait: float = 0.5) -> dict[str, Any]:
+    async def join(self, wait: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the task is finished, errored or canceled; return its state.
 
         Woken by state changes as they happen; `wait` bounds each wait between re-reads.
+        asyncio.TimeoutError after `timeout` seconds (None: wait for ever).
         """
+        return await asyncio.wait_for(self._wait(_stopped, wait), timeout)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The task's result once it ended for good (an errored run that will be retried
+        is waited through). TaskErrored (its message the stored error, the remote
+        traceback) if it failed, TaskCanceled if canceled, asyncio.TimeoutError
+        after `timeout` seconds."""
+        state = await asyncio.wait_for(self._wait(_ended, 0.5), timeout)
+        if state["status"] == TaskStatus.ERRORED:
+            raise TaskErrored(state.get("error") or f"task {self.task_id} errored")
+        if state["status"] == TaskStatus.CANCELED:
+            raise TaskCanceled(state.get("error") or f"task {self.task_id} was canceled")
+        return state.get("result")
+
+    async def _wait(self, until: Callable[[dict[str, Any]], bool], wait: float) -> dict[str, Any]:
         manager = self._manager
         async with manager.watch(self.task_id) as watch:
             while True:
                 state = await manager.get(self.task_id)
                 if not state:
                     raise TaskNotFoundException(self.task_id)
-                if state.get("status") in FINAL_STATUSES:
+                if until(state):
                     return state
                 await watch.wait(wait)
 
@@ -78,3 +101,15 @@ class TaskState:
 
     async def release(self) -> bool:
         return await self._manager.release(self.task_id)
+
+
+def _stopped(state: dict[str, Any]) -> bool:
+    return state.get("status") in FINAL_STATUSES
+
+
+def _ended(state: dict[str, Any]) -> bool:
+    """Stopped for good: an errored run of ours waiting for its retry has no `ended` yet
+    (states of the original plugin carry no `run` and are taken as they are)."""
+    if state.get("status") == TaskStatus.ERRORED and state.get("run"):
+        return "ended" in state
+    return _stopped(state)

@@ -1,0 +1,78 @@
+"""Task control (SPEC §11): per-task options, checked where they are given, and the retry delay.
+
+`timeout` and `max_retries` are given on `@task(...)` and, with a leading underscore,
+on `add_task(...)`; they travel as message fields of the same names. The call
+overrides the decorator, the decorator overrides the `amqp` settings.
+"""
+
+import math
+import random
+from typing import Any, Callable
+
+from guillotina_amqp.settings import AMQPSettings
+
+
+def check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """`value` as a time limit in seconds: None or a positive finite number; else ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {_shown(value)}")
+    return float(value)
+
+
+def check_max_retries(value: Any, name: str = "max_retries") -> int | None:
+    """`value` as a retry count: None or an integer >= 0; else ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 or None, not {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A bad value as an error message shows it (a hostile message's value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
+
+
+#: The per-task options: the name on @task and in the message -> its check.
+OPTIONS: dict[str, Callable[[Any, str], Any]] = {"timeout": check_timeout, "max_retries": check_max_retries}
+
+
+def check_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The options that are set, checked; ValueError naming an unknown or bad one.
+
+    `prefix` is how the caller spells them (add_task's "_timeout").
+    """
+    unknown = sorted(set(options) - {prefix + name for name in OPTIONS})
+    if unknown:
+        known = ", ".join(prefix + name for name in OPTIONS)
+        raise ValueError(f"unknown task option {unknown[0]!r} (known: {known})")
+    checked = {}
+    for name, check in OPTIONS.items():
+        value = check(options.get(prefix + name), prefix + name)
+        if value is not None:
+            checked[name] = value
+    return checked
+
+
+#: The most retries the exponent grows by (the cap is reached long before)
+_MAX_DOUBLINGS = 40
+
+
+def retry_delay_ms(settings: AMQPSettings, retries: int, requested: float | None = None) -> int | None:
+    """Milliseconds before run `retries + 2` of a failed task; None = the delay queue's own
+    `delayed_ttl_ms` (the original's fixed delay, the default without `retry_backoff`).
+
+    `requested`: the seconds a task asked for (`Retry(delay=...)`). With
+    `amqp.retry_backoff` the delay doubles from `delayed_ttl_ms` with each retry,
+    is capped by `retry_backoff_max_ms`, and is drawn at random from its upper
+    half, so tasks that failed together do not all come back together.
+    """
+    if requested is not None:
+        return round(requested * 1000)
+    if not settings.retry_backoff:
+        return None
+    ceiling = min(settings.retry_backoff_max_ms, settings.delayed_ttl_ms * 2 ** min(retries, _MAX_DOUBLINGS))
+    return round(ceiling * random.uniform(0.5, 1.0))
