@@ -39,25 +39,15 @@ async def test_the_loop_serves_other_tasks_while_a_plain_def_computes(
 
 @POOLS
 @NO_RETRIES
-async def test_an_exception_of_a_plain_def_errors_the_task_with_its_traceback(
-    worker, outside_container, run_in
+@pytest.mark.parametrize("raised, shown", [("sync boom", "ValueError: sync boom"), ("exit", "SystemExit")])
+async def test_an_exception_of_a_plain_def_errors_the_task_and_the_worker_serves_on(
+    worker, outside_container, run_in, raised, shown
 ):
-    state = await add_task(app.sync_fail, "sync boom", _run_in=run_in)
+    state = await add_task(app.sync_fail, raised, _run_in=run_in)
     final = await state.join(wait=0.05)
     assert final["status"] == TaskStatus.ERRORED
-    assert "ValueError: sync boom" in final["error"]
+    assert shown in final["error"]  # SystemExit too: it never stops the worker
     assert "in sync_fail" in final["error"]  # the frame where it was raised, even in another process
-
-
-@POOLS
-@NO_RETRIES
-async def test_a_plain_def_raising_system_exit_errors_and_the_worker_serves_on(
-    worker, outside_container, run_in
-):
-    state = await add_task(app.sync_fail, "exit", _run_in=run_in)
-    final = await state.join(wait=0.05)
-    assert final["status"] == TaskStatus.ERRORED
-    assert "SystemExit" in final["error"]
     assert (await (await add_task(app.add, 1, 2)).join(wait=0.05))["result"] == 3
 
 

@@ -36,6 +36,18 @@ FAILED_STOP_TIMEOUT = 10
 _STARTUP_ERRORS: tuple[type[Exception], ...] = (AMQPError, *CONNECTION_ERRORS)
 
 
+#: Recycling and load (SPEC §12): flag, type (a value above 0), help.
+RECYCLING_FLAGS = (
+    ("--max-tasks", int, "claim at most this many tasks, finish them, give back the rest and exit 0"),
+    (
+        "--max-run-time",
+        float,
+        "seconds after which the worker shuts down gracefully and exits 0 (to be restarted)",
+    ),
+    ("--max-load", float, "take no tasks while the 1-minute load average is above this; resume below it"),
+)
+
+
 class WorkerCommand(Command):
     description = "Run a guillotina_amqp worker consuming the amqp.queue"
 
@@ -58,24 +70,8 @@ class WorkerCommand(Command):
             default=None,
             help="tasks run at once (and prefetched); overrides amqp.max_running_tasks",
         )
-        parser.add_argument(
-            "--max-tasks",
-            type=_positive(int),
-            default=None,
-            help="claim at most this many tasks, finish them, give back the rest and exit 0",
-        )
-        parser.add_argument(
-            "--max-run-time",
-            type=_positive(float),
-            default=None,
-            help="seconds after which the worker shuts down gracefully and exits 0 (to be restarted)",
-        )
-        parser.add_argument(
-            "--max-load",
-            type=_positive(float),
-            default=None,
-            help="take no tasks while the 1-minute load average is above this; resume below it",
-        )
+        for flag, kind, text in RECYCLING_FLAGS:
+            parser.add_argument(flag, type=_positive(kind), default=None, help=text)
         parser.add_argument("--metrics-server", action="store_true", help="serve Prometheus /metrics")
         parser.add_argument(
             "--port",
