@@ -125,8 +125,8 @@ async def _in_thread(call: Callable[[], Any], context: TaskContext) -> Any:
     def run() -> None:
         try:
             outcome: tuple[Any, BaseException | None] = (ctx.run(call), None)
-        except BaseException as exc:  # SystemExit in a task must not stop the worker: an error
-            outcome = (None, exc if isinstance(exc, Exception) else RuntimeError(f"the task raised {exc!r}"))
+        except BaseException as exc:
+            outcome = (None, _as_error(exc))
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(_settle, future, *outcome)
 
@@ -136,6 +136,15 @@ async def _in_thread(call: Callable[[], Any], context: TaskContext) -> Any:
     except asyncio.CancelledError:
         logger.warning("Task %s: its thread is abandoned and runs on until it returns", context.task_id)
         raise
+
+
+def _as_error(exc: BaseException) -> Exception:
+    """SystemExit & co. raised by a task must not stop the worker: an error caused by them."""
+    if isinstance(exc, Exception):
+        return exc
+    error = RuntimeError(f"the task raised {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -54,15 +54,16 @@ async def test_an_exception_of_a_plain_def_errors_the_task_and_the_worker_serves
 @NO_RETRIES
 async def test_a_process_run_past_its_timeout_is_killed(worker, outside_container, tmp_path):
     marks = tmp_path / "sync"
-    state = await add_task(
-        app.wait_for_file, str(marks), str(tmp_path / "never"), _run_in="process", _timeout=1
-    )
+    # the first process run starts the fork server: not within the time limit under test
+    assert (await (await app.process_context()).join(wait=0.05))["status"] == TaskStatus.FINISHED
+    never = str(tmp_path / "never")
+    state = await add_task(app.wait_for_file, str(marks), never, _run_in="process", _timeout=5)
     await wait_for(lambda: lines(marks), what="the process to start")
     pid = int(lines(marks)[0].split()[1])
 
     final = await wait_for(_ended(state), timeout=60, what="the timeout")
     assert final["status"] == TaskStatus.ERRORED
-    assert "TaskTimeout: the task ran longer than its time limit (timeout=1s)" in final["error"]
+    assert "TaskTimeout: the task ran longer than its time limit (timeout=5s)" in final["error"]
     await wait_for(lambda: not _alive(pid), what="the process to be gone")
     assert lines(marks)[1:] == []
 
