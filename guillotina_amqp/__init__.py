@@ -10,6 +10,7 @@ from typing import Any
 from guillotina import configure
 
 from guillotina_amqp.decorators import object_task, task
+from guillotina_amqp.http_tasks import add_http_task
 from guillotina_amqp.offload import TaskContext, get_task_context
 from guillotina_amqp.periodic_tasks import periodic
 from guillotina_amqp.settings import DEFAULTS, AMQPSettings
@@ -17,6 +18,7 @@ from guillotina_amqp.utils import add_object_task, add_task, cancel_task
 
 __all__ = [
     "TaskContext",
+    "add_http_task",
     "add_object_task",
     "add_task",
     "cancel_task",

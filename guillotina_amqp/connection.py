@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import logging
 import random
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
 import backoff
@@ -63,9 +63,12 @@ class AMQPConnection:
         settings: AMQPSettings,
         on_error: Callable[[Exception], Any] | None = None,
         name: str = "guillotina_amqp",
+        queues: Iterable[str] = (),
     ) -> None:
         self.settings = settings
         self._on_error = on_error
+        #: the queues whose topology this connection declares (amqp.queue unless told others)
+        self.queues: set[str] = set(queues) or {settings.queue}
         #: shown by `rabbitmqctl list_connections name client_properties` (connection_name)
         self.name = name
         self.transport: asyncio.BaseTransport | None = None
@@ -168,10 +171,20 @@ class AMQPConnection:
         return channel
 
     async def declare_topology(self) -> None:
-        """Declare the exchange and the main, delay and error queues (idempotent)."""
+        """Declare the exchange and the main, delay and error queues of each of our queues (idempotent)."""
+        await self._declare(sorted(self.queues))
+
+    async def add_queue(self, queue: str) -> None:
+        """Declare a named queue's topology once; it is declared again with the others on reconnection."""
+        if queue not in self.queues:
+            await self._declare([queue])
+            self.queues.add(queue)
+
+    async def _declare(self, queues: list[str]) -> None:
         channel = await self.channel()
         try:
-            await declare_queues(channel, self.settings)
+            for queue in queues:
+                await declare_queues(channel, self.settings, queue)
         finally:
             await channel.close()
 
@@ -351,10 +364,10 @@ def _waiting_tags(channel: Channel) -> list[int]:
     return [int(name[len(prefix) :]) for name in list(channel._futures) if name.startswith(prefix)]
 
 
-async def declare_queues(channel: Channel, settings: AMQPSettings) -> None:
+async def declare_queues(channel: Channel, settings: AMQPSettings, queue: str | None = None) -> None:
     await channel.exchange_declare(settings.exchange, "direct", durable=True)
-    for queue, arguments in names.topology(settings).items():
-        await declare_queue(channel, settings, queue, arguments)
+    for name, arguments in names.topology(settings, queue).items():
+        await declare_queue(channel, settings, name, arguments)
 
 
 async def declare_queue(channel: Channel, settings: AMQPSettings, queue: str, arguments: dict) -> None:

@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from guillotina_amqp import control, expiry, offload, registry
 from guillotina_amqp.interfaces import ITaskDefinition
+from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.state import TaskState
 
 
@@ -28,12 +29,14 @@ class TaskDefinition:
         self,
         func: Callable[..., Any],
         retries: int = 3,
+        queue: str | None = None,
         expires: float | None = None,
         run_in: str | None = None,
         **options: Any,
     ) -> None:
         self.func = func
         self.retries = retries
+        self.queue = _checked_queue(queue)
         self.options = control.check_options(options)
         # when and where it runs (SPEC §12): checked now, so a bad one fails at import
         expiry.deadline(expires)
@@ -56,6 +59,7 @@ class TaskDefinition:
         kwargs.setdefault("_retries", self.retries)
         for name, value in self.options.items():
             kwargs.setdefault(f"_{name}", value)
+        kwargs.setdefault("_queue", self.queue)
         for name, value in self.when.items():
             kwargs.setdefault(name, value)
         if self.object_task:
@@ -101,23 +105,31 @@ def _current_transaction() -> Any:
     return txn
 
 
+def _checked_queue(queue: str | None) -> str | None:
+    """A named queue's name, checked when the task is defined rather than at its first call."""
+    if queue not in (None, DEFAULT_QUEUE):
+        check_queue_name(queue)  # ValueError naming the problem
+    return queue
+
+
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
     def decorate(
         func: Callable[..., Any] | None = None,
         retries: int = 3,
+        queue: str | None = None,
         expires: float | None = None,
         run_in: str | None = None,
         **options: Any,
     ) -> Any:
         control.check_options(options)  # at decoration, even before a function is given
         if func is None:
-            return lambda f: kind(f, retries, expires, run_in, **options)
-        return kind(func, retries, expires, run_in, **options)
+            return lambda f: kind(f, retries, queue, expires, run_in, **options)
+        return kind(func, retries, queue, expires, run_in, **options)
 
     return decorate
 
 
-#: `@task`, `@task(retries=5, timeout=30, max_retries=2)` or `task(func, retries=3)`;
+#: `@task`, `@task(retries=5, timeout=30, max_retries=2, queue="reports")` or `task(func, retries=3)`;
 #: `retries` is how often publishing is tried again, `max_retries` how often a failed run is;
 #: `expires=` (seconds) and `run_in="thread"|"process"` (plain `def` functions) say when and
 #: where it runs.

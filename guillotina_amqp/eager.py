@@ -29,7 +29,8 @@ class EagerWorker(Worker):
     async def run(self, body: bytes) -> None:
         """Handle one message as a worker would; return once its first run is settled."""
         properties = SimpleNamespace(headers=messages.sign_headers(body, self.settings))
-        await self._spawn(self._handle(Delivery(None, body, None, properties)))  # type: ignore[arg-type]
+        delivery = Delivery(None, body, None, properties, self.queues[0])  # type: ignore[arg-type]
+        await self._spawn(self._handle(delivery))
 
     def _spawn(self, handling: Coroutine[Any, Any, None]) -> asyncio.Task:
         # a context of its own, as on a worker: the job's request, db and user never leak

@@ -24,7 +24,7 @@ _SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
 _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
-FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run"})
+FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"})
 #: Per-task options (SPEC §11), present only when the task or the call set them.
 FIELDS |= frozenset(control.OPTIONS)
 #: When the task may start, its deadline, where a plain def runs (SPEC §12), present only when set.
@@ -260,6 +260,8 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         timing.check_eta(message.get("eta"))
     except ValueError as exc:
         raise InvalidMessage(str(exc), task_id) from None
+    if not isinstance(message.get("queue", ""), str):
+        raise InvalidMessage("'queue' is not a string", task_id)
     _check_request(message["req_data"], task_id)
     _check_when(message, task_id)
 

@@ -61,23 +61,27 @@ def delay_tier_queue(queue: str, ttl_ms: int) -> str:
     return f"{queue}-delay-{ttl_ms}ms"
 
 
-def delay_tier(settings: AMQPSettings, delay_ms: float) -> tuple[str, dict[str, Any]]:
+def delay_tier(
+    settings: AMQPSettings, delay_ms: float, queue: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """(name, declaration arguments) of the tier queue that delays a message `delay_ms` or a
-    little more, then dead-letters it back to the main queue. Tiers are declared on use and
-    expire once unused, so their number never grows on the broker."""
+    little more, then dead-letters it back to `queue` (default: amqp.queue). Tiers are
+    declared on use and expire once unused, so their number never grows on the broker."""
     ttl = delay_tier_ms(delay_ms)
-    return delay_tier_queue(settings.queue, ttl), {
+    queue = queue or settings.queue
+    return delay_tier_queue(queue, ttl), {
         "x-dead-letter-exchange": settings.exchange,
-        "x-dead-letter-routing-key": settings.queue,
+        "x-dead-letter-routing-key": queue,
         "x-message-ttl": ttl,
         # declared again before every use: idle for longer, its last message is long gone
         "x-expires": 2 * ttl + TIER_EXPIRES_AFTER_MS,
     }
 
 
-def topology(settings: AMQPSettings) -> dict[str, dict[str, Any]]:
-    """Queue name -> declaration arguments for the main, delay and error queues."""
-    queue, exchange = settings.queue, settings.exchange
+def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict[str, Any]]:
+    """Queue name -> declaration arguments for the main, delay and error queues of `queue`
+    (default: amqp.queue); a named queue gets the same arguments as the default one."""
+    queue, exchange = queue or settings.queue, settings.exchange
     queues: dict[str, dict[str, Any]] = {
         queue: {
             "x-dead-letter-exchange": exchange,
@@ -106,6 +110,41 @@ def _quorum_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+#: What `--queue` and `_queue=` call amqp.queue.
+DEFAULT_QUEUE = "default"
+#: Named queues: these characters; no "amq." prefix (RabbitMQ reserves it).
+QUEUE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.:")
+#: RabbitMQ's limit is 255 bytes, and the name's delay, delay tier and error queues must fit it too.
+MAX_QUEUE_NAME_LENGTH = 255 - len("-delay-1661010000ms")
+
+
+def task_queue(name: Any, settings: AMQPSettings) -> str:
+    """The queue `name` designates: amqp.queue for None or "default", else `name`, checked."""
+    if name is None or name == DEFAULT_QUEUE:
+        return settings.queue
+    return check_queue_name(name)
+
+
+def check_queue_name(name: Any) -> str:
+    """`name` if it may name a queue; ValueError saying what is wrong with a name RabbitMQ
+    would refuse, or one that would collide with another queue's delay or error queue."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a queue name must be a non-empty string, not {name!r}")
+    if len(name.encode()) > MAX_QUEUE_NAME_LENGTH:
+        raise ValueError(
+            f"queue name {name[:40]!r}... is longer than {MAX_QUEUE_NAME_LENGTH} bytes "
+            "(RabbitMQ's 255, less its delay tiers' suffix)"
+        )
+    if not QUEUE_CHARACTERS.issuperset(name):
+        bad = sorted(set(name) - QUEUE_CHARACTERS)[:5]
+        raise ValueError(f"queue name {name!r} has characters outside [A-Za-z0-9-_.:]: {bad}")
+    if name.startswith("amq."):
+        raise ValueError(f"queue name {name!r}: RabbitMQ reserves names starting with 'amq.'")
+    if name.endswith(("-delay", "-error")) or "-delay-" in name:
+        raise ValueError(f"queue name {name!r} looks like a delay or error queue")
+    return name
 
 
 def beacon_queues(uid: str) -> tuple[str, str]:

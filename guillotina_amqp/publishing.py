@@ -67,6 +67,10 @@ class Publisher:
         assert self.connection is not None
         return self.connection
 
+    async def declare(self, queue: str) -> None:
+        """Make sure `queue` (a named queue, or amqp.queue) and its delay and error queues exist."""
+        await (await self.connect()).add_queue(queue)
+
     async def publish(
         self, body: bytes, routing_key: str, retries: int = 3, headers: dict | None = None
     ) -> None:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import types
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Union, get_args, get_origin, get_type_hints
 
@@ -30,6 +30,19 @@ NON_EMPTY = "non_empty"
 QUEUE_TYPES = ("classic", "quorum")
 #: quorum queues get names of their own: RabbitMQ refuses to re-declare a queue with other arguments
 QUORUM_SUFFIX = "-quorum"
+
+
+@dataclass(frozen=True)
+class HTTPTasksSettings:
+    """The `amqp.http_tasks` block (SPEC §15): HTTP tasks are off while `allowed` is empty."""
+
+    #: the origins HTTP tasks may request, each "scheme://host:port" ("https://api.internal:443")
+    allowed: tuple[str, ...] = ()
+    #: seconds one request may take, from connecting to reading the whole answer
+    timeout: float = 30
+    #: secret name -> header value, for headers a task names with `secret_headers=`; the values
+    #: live in the workers' configuration only, never in messages, states or logs
+    secrets: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,8 @@ class AMQPSettings:
     retry_backoff: bool = False
     retry_backoff_max_ms: int = 3600000
     eager: bool = False
+    # HTTP tasks (SPEC §15)
+    http_tasks: HTTPTasksSettings = HTTPTasksSettings()
     # top level of the configuration, not in the block
     redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})
 
@@ -90,6 +105,8 @@ class AMQPSettings:
 
 def _plain(value: Any) -> Any:
     """A default as the configuration writes it (YAML and JSON know lists, not tuples)."""
+    if is_dataclass(value):  # a block of settings inside the block
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -168,8 +185,10 @@ def _address(entry: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-def _read_setting(f: Any, value: Any, path: tuple[str, ...]) -> Any:
-    kind = _TYPES[f.name]
+def _read_setting(f: Any, value: Any, path: tuple[str, ...], kind: Any = None) -> Any:
+    kind = kind or _TYPES[f.name]
+    if isinstance(kind, type) and is_dataclass(kind):
+        return _read_block(kind, value, path)
     if value is None and not _is_optional(kind):
         return f.default  # null (or absent) means the default where None is not a value
     try:
@@ -179,6 +198,25 @@ def _read_setting(f: Any, value: Any, path: tuple[str, ...]) -> Any:
     except ValueError as exc:
         raise _invalid(path, exc, value, secret=not f.repr) from None
     return value
+
+
+def _read_block(kind: type, value: Any, path: tuple[str, ...]) -> Any:
+    """A block of settings inside the `amqp` block (`http_tasks`), each of its settings read as its
+    type and named by its path (`amqp.http_tasks.timeout`) when it cannot be."""
+    if value is None or isinstance(value, kind):
+        return kind() if value is None else value
+    try:
+        value = _read_dict(value)  # a JSON object when given as text (--override, environment)
+    except (ValueError, TypeError):
+        # shown by its type only: it may hold secrets
+        raise _invalid(path, ValueError("must be a block of settings"), value, secret=True) from None
+    defaults, hints = kind(), get_type_hints(kind)
+    read = {}
+    for f in fields(kind):
+        given = value.get(f.name)
+        default = getattr(defaults, f.name)
+        read[f.name] = default if given is None else _read_setting(f, given, (*path, f.name), hints[f.name])
+    return kind(**read)
 
 
 def read_top_level(name: str, kind: Any, default: Any) -> Any:

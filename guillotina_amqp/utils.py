@@ -31,7 +31,7 @@ from guillotina_amqp import (
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import check_task_id, task_id_prefix, task_name
+from guillotina_amqp.names import check_task_id, task_id_prefix, task_name, task_queue
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
@@ -90,6 +90,7 @@ async def add_task(
     _max_retries: int | None = None,
     _countdown: float | None = None,
     _eta: datetime | float | None = None,
+    _queue: str | None = None,
     _expires: float | datetime | None = None,
     _run_in: str | None = None,
     **kwargs: Any,
@@ -105,9 +106,11 @@ async def add_task(
     `_max_retries`: how often a failed run is retried (both override the task's
     decorator and the settings); `_countdown` (seconds) or `_eta` (a datetime, naive
     = UTC, or an epoch second): the task does not start before then (it waits in the
-    broker; state `scheduled` with `eta`; a past `_eta` runs now). With `amqp.eager`
-    the task runs here and now (SPEC §11), no broker involved. Without an `amqp` settings block, logs a
-    warning and returns None.
+    broker; state `scheduled` with `eta`; a past `_eta` runs now); `_queue`: publish
+    to this named queue (its own `-delay` and `-error` queues are declared with it),
+    run by workers started with `--queue <name>`; None or "default" is amqp.queue.
+    With `amqp.eager` the task runs here and now (SPEC §11), no broker involved.
+    Without an `amqp` settings block, logs a warning and returns None.
 
     When and where it runs (SPEC §12): `_expires` (seconds from now, or a datetime):
     not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
@@ -116,8 +119,9 @@ async def add_task(
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
     id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
-    `_timeout` that is not a positive number or a `_max_retries` below 0, a
-    negative `_expires` or an unknown `_run_in`. Nothing is published then.
+    `_timeout` that is not a positive number or a `_max_retries` below 0, for a bad
+    `_countdown`/`_eta`, a negative `_expires`, an unknown `_run_in`, and for a queue
+    name RabbitMQ would refuse (names.task_queue). Nothing is published then.
     """
     options = control.check_options({"_timeout": _timeout, "_max_retries": _max_retries}, prefix="_")
     options |= _when(func, _expires, _run_in)
@@ -133,23 +137,24 @@ async def add_task(
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
+    queue = task_queue(_queue, config)
     run = messages.new_run()
-    body = messages.encode(
-        {
-            **options,
-            "func": _dotted_name(func),
-            "args": list(args),
-            "kwargs": kwargs,
-            "db_id": db_id,
-            "container_id": container_id,
-            "task_id": task_id,
-            "run": run,
-            "req_data": messages.request_data(request, get_authenticated_user(), container),
-        },
-        config,
-    )
+    message = {
+        **options,
+        "func": _dotted_name(func),
+        "args": list(args),
+        "kwargs": kwargs,
+        "db_id": db_id,
+        "container_id": container_id,
+        "task_id": task_id,
+        "run": run,
+        "req_data": messages.request_data(request, get_authenticated_user(), container),
+    }
+    if queue != config.queue:
+        message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
+    body = messages.encode(message, config)
     if not config.eager:
-        await _publish(body, config, timing.wait_ms(eta), _retries)
+        await _publish(body, config, queue, timing.wait_ms(eta), _retries)
     waiting = {"eta": eta} if eta is not None else {}
     await get_state_manager().create(task_id, initial_state(run) | waiting)
     await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
@@ -164,14 +169,19 @@ def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-async def _publish(body: bytes, config: settings.AMQPSettings, wait_ms: int | None, retries: int) -> None:
-    """To the main queue, or into the delay tier a task waiting for its start sits in."""
+async def _publish(
+    body: bytes, config: settings.AMQPSettings, queue: str, wait_ms: int | None, retries: int
+) -> None:
+    """To `queue`, or into the delay tier a task waiting for its start sits in (which
+    dead-letters it into `queue` later); a named queue is declared first."""
     publisher = get_publisher(config)
-    queue = config.queue
+    if queue != config.queue:
+        await publisher.declare(queue)
+    target = queue
     if wait_ms is not None:
-        queue, arguments = names.delay_tier(config, wait_ms)
-        await publisher.declare_queue(queue, arguments)
-    await publisher.publish(body, queue, retries=retries)
+        target, arguments = names.delay_tier(config, wait_ms, queue)
+        await publisher.declare_queue(target, arguments)
+    await publisher.publish(body, target, retries=retries)
 
 
 async def add_object_task(

@@ -14,7 +14,7 @@ import enum
 import logging
 import time
 import uuid
-from typing import Any, NamedTuple
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aioamqp.channel import Channel
 
@@ -91,6 +91,7 @@ class Delivery(NamedTuple):
     body: bytes
     envelope: Any
     properties: Any
+    queue: str  # the queue it came from: its retries go through that queue's delay queue
 
     @property
     def headers(self) -> dict | None:
@@ -98,7 +99,7 @@ class Delivery(NamedTuple):
 
 
 class Worker:
-    """Consumes `amqp.queue` and runs up to `max_size` tasks at once (SPEC §4)."""
+    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once (SPEC §4)."""
 
     def __init__(
         self,
@@ -106,12 +107,17 @@ class Worker:
         loop: asyncio.AbstractEventLoop | None = None,
         max_size: int | None = None,
         check_activity: bool = True,
+        queues: Iterable[str] = (),
         max_tasks: int | None = None,
         max_load: float | None = None,
     ) -> None:
         self.request = request
         self.loop = loop
         self.settings = get_settings()
+        #: the queues consumed ("default" is amqp.queue); ValueError for a name RabbitMQ would refuse
+        self.queues = list(dict.fromkeys(names.task_queue(q, self.settings) for q in queues)) or [
+            self.settings.queue
+        ]
         self.max_size = max_size or self.settings.max_running_tasks
         self.check_activity = check_activity
         self.max_task_retries = self.settings.max_task_retries
@@ -123,7 +129,7 @@ class Worker:
         self.connection: AMQPConnection | None = None
         self.publisher: Publisher | None = None
         self._channel: Channel | None = None
-        self._consumer_tag: str | None = None
+        self._consumer_tags: set[str] = set()
         self._running: dict[str, tuple[Job, asyncio.Task]] = {}
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
@@ -149,7 +155,7 @@ class Worker:
     @property
     def connection_name(self) -> str:
         """How RabbitMQ lists our connection (client_properties.connection_name)."""
-        return f"guillotina_amqp worker {self.worker_id} ({self.settings.queue})"
+        return f"guillotina_amqp worker {self.worker_id} ({', '.join(self.queues)})"
 
     @property
     def num_running(self) -> int:
@@ -161,7 +167,7 @@ class Worker:
         self._slots = asyncio.Semaphore(self.max_size)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.connection = AMQPConnection(self.settings, name=self.connection_name)
+        self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.queues)
         await self.connection.open()
         self.publisher = Publisher(self.settings, self.connection)
         if self.load_watch is not None:
@@ -177,7 +183,7 @@ class Worker:
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
-            self.settings.queue,
+            ", ".join(self.queues),
             self.max_size,
             self.settings.persistent_manager,
         )
@@ -215,7 +221,8 @@ class Worker:
     async def _publish_probe(self, body: bytes) -> None:
         assert self.publisher is not None
         headers = {liveness.PROBE_HEADER: "1"}
-        await self.publisher.publish(body, self.settings.queue, retries=0, headers=headers)
+        # into a queue we consume, so that it comes back to us
+        await self.publisher.publish(body, self.queues[0], retries=0, headers=headers)
 
     async def _consume(self) -> dict[str, asyncio.Event]:
         """Consume on a new channel; return the events that tell it was lost.
@@ -228,11 +235,21 @@ class Worker:
         if self._channel is None or not self._channel.is_open:  # an open one: consuming again
             self._channel = await self.connection.channel()
             await self._channel.basic_qos(prefetch_count=self.max_size)
+            if len(self.queues) > 1:  # the limit above is per consumer: hold no more in all
+                await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=True)
             self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
-        result = await self._channel.basic_consume(self._on_message, queue_name=self.settings.queue)
-        self._consumer_tag = result["consumer_tag"]
+        self._consumer_tags = set()
+        for queue in self.queues:
+            result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
+            self._consumer_tags.add(result["consumer_tag"])
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
+
+    def _consumer(self, queue: str) -> Callable[..., Awaitable[None]]:
+        async def on_message(channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
+            await self._on_message(channel, body, envelope, properties, queue)
+
+        return on_message
 
     async def _gate_loop(self, consuming: bool) -> None:
         """Consume while the gate is open; stop consuming (what we hold unclaimed goes back) while held."""
@@ -261,7 +278,7 @@ class Worker:
 
     async def _on_consumer_cancelled(self, channel: Channel, consumer_tag: str) -> None:
         # the broker cancels a consumer whose queue was deleted; the channel stays open
-        if channel is self._channel and consumer_tag == self._consumer_tag:
+        if channel is self._channel and consumer_tag in self._consumer_tags:
             self._consumer_cancelled.set()
 
     async def join(self) -> None:
@@ -315,16 +332,20 @@ class Worker:
     async def _stop_consuming(self) -> None:
         if self.connection is not None:
             self.connection.forget(self._consume)
-        if self._channel is not None and self._consumer_tag and self._channel.is_open:
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await self._channel.basic_cancel(self._consumer_tag)
+        if self._channel is not None and self._channel.is_open:
+            for consumer_tag in self._consumer_tags:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self._channel.basic_cancel(consumer_tag)
 
     # -- one delivery ---------------------------------------------------------
-    async def _on_message(self, channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
+    async def _on_message(
+        self, channel: Channel, body: bytes, envelope: Any, properties: Any, queue: str | None = None
+    ) -> None:
         # called from aioamqp's frame reader: hand the delivery over, never await the broker here
         if self.activity is not None:
             self.activity.touch()
-        task = asyncio.create_task(self._handle(Delivery(channel, body, envelope, properties)))
+        delivery = Delivery(channel, body, envelope, properties, queue or self.queues[0])
+        task = asyncio.create_task(self._handle(delivery))
         self._handlers.add(task)
         assert self._idle is not None
         self._idle.clear()
@@ -561,7 +582,7 @@ class Worker:
         if action is Action.ACK:
             await self._ack(delivery, label)
         elif action is Action.DEAD_LETTER:
-            await self._move(delivery, label, names.error_queue(self.settings.queue))
+            await self._move(delivery, label, names.error_queue(delivery.queue))
         elif action is Action.REQUEUE:
             await self._nack(delivery, label, requeue=True)
         elif action is Action.DELAY:
@@ -589,7 +610,7 @@ class Worker:
             logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
         try:
-            queue = queue or await self._delay_queue(delay_ms)
+            queue = queue or await self._delay_queue(delay_ms, delivery.queue)
             await self.publisher.publish(
                 delivery.body, queue, retries=1, headers=counted(delivery.headers, counter)
             )
@@ -602,12 +623,12 @@ class Worker:
             return
         await self._ack(delivery, label)
 
-    async def _delay_queue(self, delay_ms: int | None) -> str:
-        """The original's delay queue, or the delay tier for `delay_ms` (declared before use)."""
+    async def _delay_queue(self, delay_ms: int | None, queue: str) -> str:
+        """`queue`'s delay queue, or its delay tier for `delay_ms` (declared before use)."""
         assert self.publisher is not None
         if delay_ms is None:
-            return names.delay_queue(self.settings.queue)
-        queue, arguments = names.delay_tier(self.settings, delay_ms)
+            return names.delay_queue(queue)
+        queue, arguments = names.delay_tier(self.settings, delay_ms, queue)
         await self.publisher.declare_queue(queue, arguments)
         return queue
 

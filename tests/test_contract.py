@@ -85,7 +85,12 @@ async def test_defaults_of_a_minimal_amqp_block(guillotina_main, monkeypatch):
 
 def test_the_add_on_publishes_every_default_in_app_settings():
     # SPEC §10: `app_settings["amqp"]` carries every default, as the original's did
-    security = {"allowed_tasks": None, "signing_key": None, "previous_signing_keys": []}
+    security = {
+        "allowed_tasks": None,
+        "signing_key": None,
+        "previous_signing_keys": [],
+        "http_tasks": {"allowed": [], "timeout": 30, "secrets": {}},
+    }
     as_configured = {**SPEC_DEFAULTS, "hosts": []}  # YAML and JSON have lists, not tuples
     assert guillotina_amqp.app_settings["amqp"] == {**as_configured, **security}
     assert guillotina_amqp.app_settings["redis_prefix_key"] == "amqpjobs-"

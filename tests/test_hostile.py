@@ -16,7 +16,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests import app
-from tests.test_security import task_message
+from tests.test_security import publish, task_message
 from tests.utils import (
     BOTH_MANAGERS,
     all_empty,
@@ -144,9 +144,9 @@ async def test_add_task_refuses_arguments_nested_too_deeply(worker):
 
 @pytest.mark.app_settings({"amqp": {"signing_key": KEY}})
 async def test_a_signed_message_replayed_as_a_probe_does_not_spoil_a_finished_task(worker, caplog):
-    body = orjson.dumps(task_message("tests.app.add", 2, 3))
-    task_id = orjson.loads(body)["task_id"]
-    await publish_raw(body, signed(body))
+    message = task_message("tests.app.add", 2, 3)
+    body = orjson.dumps(message)
+    task_id = await publish(message, body, signed(body))  # recorded scheduled first, as add_task does
     final = await TaskState(task_id).join()
     assert final["result"] == 5
 
@@ -177,8 +177,7 @@ async def test_credentials_in_the_query_string_are_never_published(container_req
 async def test_credentials_an_older_publisher_put_in_the_url_are_not_stored(worker):
     message = task_message("tests.app.add", 1, 2)
     message["req_data"]["url"] = "http://localhost/db/c?ws_token=secret-ws&page=2"
-    await publish_raw(orjson.dumps(message))
-    final = await TaskState(message["task_id"]).join()
+    final = await TaskState(await publish(message)).join()
     assert final["job_data"]["req_data"]["url"] == "http://localhost/db/c?page=2"
 
 

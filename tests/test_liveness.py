@@ -177,7 +177,8 @@ async def test_worker_whose_consumer_stopped_receiving_gives_up(guillotina_main)
         await wait_for(lambda: worker.activity.probes_back >= 2, 30, "probes to come back")
         assert worker.exit_code is None
         # the consumer no longer receives, though connection and beacons are fine
-        await worker._channel.basic_cancel(worker._consumer_tag)
+        for consumer_tag in worker._consumer_tags:
+            await worker._channel.basic_cancel(consumer_tag)
         await asyncio.wait_for(worker.failed.wait(), 30)
     assert worker.exit_code == EXIT_IDLE
 

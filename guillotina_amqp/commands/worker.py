@@ -22,6 +22,7 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
     EXIT_STARTUP_FAILED,
     LoopWatchdog,
 )
+from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
 from guillotina_amqp.state import redis_client
 from guillotina_amqp.worker import Worker
@@ -49,7 +50,7 @@ RECYCLING_FLAGS = (
 
 
 class WorkerCommand(Command):
-    description = "Run a guillotina_amqp worker consuming the amqp.queue"
+    description = "Run a guillotina_amqp worker consuming the amqp.queue (or the --queue ones)"
 
     exit_code = EXIT_OK
 
@@ -72,6 +73,14 @@ class WorkerCommand(Command):
         )
         for flag, kind, text in RECYCLING_FLAGS:
             parser.add_argument(flag, type=_positive(kind), default=None, help=text)
+        parser.add_argument(
+            "--queue",
+            action="append",
+            default=[],
+            type=_queue_name,
+            dest="queues",
+            help="consume this named queue instead of amqp.queue (repeatable; 'default' names amqp.queue)",
+        )
         parser.add_argument("--metrics-server", action="store_true", help="serve Prometheus /metrics")
         parser.add_argument(
             "--port",
@@ -91,6 +100,7 @@ class WorkerCommand(Command):
                 _serve_metrics(metrics_port(arguments.port))
             worker = Worker(  # reads and checks the settings
                 max_size=arguments.max_running_tasks,
+                queues=arguments.queues,
                 max_tasks=arguments.max_tasks,
                 max_load=arguments.max_load,
             )
@@ -191,6 +201,16 @@ async def _stop_failed(worker: Worker) -> None:
         await asyncio.wait_for(worker.stop(), FAILED_STOP_TIMEOUT)
     except Exception as exc:
         logger.error("Worker %s did not stop cleanly (%r); exiting anyway", worker.worker_id, exc)
+
+
+def _queue_name(value: str) -> str:
+    """--queue's value, checked: argparse shows the problem and exits 2."""
+    if value == DEFAULT_QUEUE:
+        return value
+    try:
+        return check_queue_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def metrics_port(flag: int | None) -> int:
