@@ -55,6 +55,7 @@ setup(
         "hiredis",  # redis-py's C reply parser: a third of the worker's Redis cost without it
         "backoff",
         "lru-dict",
+        "croniter>=2",  # periodic tasks' cron expressions (maintained, pallets-eco)
     ],
     extras_require={
         "test": test_requires,

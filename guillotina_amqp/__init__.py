@@ -11,10 +11,22 @@ from guillotina import configure
 
 from guillotina_amqp.decorators import object_task, task
 from guillotina_amqp.http_tasks import add_http_task
+from guillotina_amqp.offload import TaskContext, get_task_context
+from guillotina_amqp.periodic_tasks import periodic
 from guillotina_amqp.settings import DEFAULTS, AMQPSettings
 from guillotina_amqp.utils import add_object_task, add_task, cancel_task
 
-__all__ = ["add_http_task", "add_object_task", "add_task", "cancel_task", "object_task", "task"]
+__all__ = [
+    "TaskContext",
+    "add_http_task",
+    "add_object_task",
+    "add_task",
+    "cancel_task",
+    "get_task_context",
+    "object_task",
+    "periodic",
+    "task",
+]
 
 # Every default, visible in app_settings["amqp"] (guillotina merges the configuration's
 # block over it). Only where the add-on is not loaded, or `amqp: null`, is there no block:

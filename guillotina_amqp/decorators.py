@@ -9,7 +9,7 @@ from guillotina.transactions import get_transaction
 from guillotina.utils import execute
 from zope.interface import implementer
 
-from guillotina_amqp import control, registry
+from guillotina_amqp import control, expiry, offload, registry
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.state import TaskState
@@ -26,12 +26,23 @@ class TaskDefinition:
     object_task = False
 
     def __init__(
-        self, func: Callable[..., Any], retries: int = 3, queue: str | None = None, **options: Any
+        self,
+        func: Callable[..., Any],
+        retries: int = 3,
+        queue: str | None = None,
+        expires: float | None = None,
+        run_in: str | None = None,
+        **options: Any,
     ) -> None:
         self.func = func
         self.retries = retries
         self.queue = _checked_queue(queue)
         self.options = control.check_options(options)
+        # when and where it runs (SPEC §12): checked now, so a bad one fails at import
+        expiry.deadline(expires)
+        if run_in is not None and self.object_task:
+            raise ValueError(f"object task {registry.dotted_name(func)}: run_in is not for object tasks")
+        self.when = {"_expires": expires, "_run_in": offload.check_run_in(func, run_in)}
         functools.update_wrapper(self, func)
         registry.register(func)
 
@@ -49,6 +60,8 @@ class TaskDefinition:
         for name, value in self.options.items():
             kwargs.setdefault(f"_{name}", value)
         kwargs.setdefault("_queue", self.queue)
+        for name, value in self.when.items():
+            kwargs.setdefault(name, value)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
         return await add_task(self.func, *args, **kwargs)
@@ -101,18 +114,25 @@ def _checked_queue(queue: str | None) -> str | None:
 
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
     def decorate(
-        func: Callable[..., Any] | None = None, retries: int = 3, queue: str | None = None, **options: Any
+        func: Callable[..., Any] | None = None,
+        retries: int = 3,
+        queue: str | None = None,
+        expires: float | None = None,
+        run_in: str | None = None,
+        **options: Any,
     ) -> Any:
         control.check_options(options)  # at decoration, even before a function is given
         if func is None:
-            return lambda f: kind(f, retries=retries, queue=queue, **options)
-        return kind(func, retries=retries, queue=queue, **options)
+            return lambda f: kind(f, retries, queue, expires, run_in, **options)
+        return kind(func, retries, queue, expires, run_in, **options)
 
     return decorate
 
 
 #: `@task`, `@task(retries=5, timeout=30, max_retries=2, queue="reports")` or `task(func, retries=3)`;
-#: `retries` is how often publishing is tried again, `max_retries` how often a failed run is.
+#: `retries` is how often publishing is tried again, `max_retries` how often a failed run is;
+#: `expires=` (seconds) and `run_in="thread"|"process"` (plain `def` functions) say when and
+#: where it runs.
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

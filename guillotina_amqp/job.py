@@ -19,7 +19,7 @@ import orjson
 from guillotina.component import get_utility
 from guillotina.interfaces import IApplication
 
-from guillotina_amqp import context, registry
+from guillotina_amqp import context, offload, registry
 from guillotina_amqp.exceptions import (
     ContainerNotFound,
     Discard,
@@ -224,6 +224,8 @@ class Job:
         args, kwargs = self.data["args"], self.data["kwargs"]
         if inspect.isasyncgenfunction(self.func):
             result = await self._consume(self.func(*args, **kwargs))
+        elif self.data.get("run_in"):
+            result = await offload.call(self.func, self.data)  # a plain def, off the loop
         else:
             result = self.func(*args, **kwargs)
             if inspect.isasyncgen(result):

@@ -13,7 +13,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp import control, timing
+from guillotina_amqp import control, expiry, offload, timing
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -27,8 +27,8 @@ REQUIRED_FIELDS = ("func", "task_id")
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"})
 #: Per-task options (SPEC §11), present only when the task or the call set them.
 FIELDS |= frozenset(control.OPTIONS)
-#: When the task may start (SPEC §12), an epoch second, present only when set.
-FIELDS |= {"eta"}
+#: When the task may start, its deadline, where a plain def runs (SPEC §12), present only when set.
+FIELDS |= {"eta", "expires", "run_in"}
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -263,6 +263,7 @@ def _check_fields(message: dict, task_id: str | None) -> None:
     if not isinstance(message.get("queue", ""), str):
         raise InvalidMessage("'queue' is not a string", task_id)
     _check_request(message["req_data"], task_id)
+    _check_when(message, task_id)
 
 
 #: req_data's fields and the types the worker can rebuild a request and a user from
@@ -295,6 +296,13 @@ def _check_request(req_data: dict, task_id: str | None) -> None:
     for name in ("roles", "groups"):
         if not all(isinstance(item, str) for item in user.get(name) or ()):
             raise InvalidMessage(f"'user.{name}' holds something other than names", task_id)
+
+
+def _check_when(message: dict, task_id: str | None) -> None:
+    """The SPEC §12 fields: a hostile value is refused here, never met by the worker."""
+    problem = expiry.check_field(message.get("expires")) or offload.check_field(message)
+    if problem:
+        raise InvalidMessage(problem, task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:

@@ -280,3 +280,9 @@ def changed_pattern(prefix: str, container: str) -> str:
     """Pub/sub pattern matching done_channel(...) of every task of one container."""
     escaped = "".join("\\" + c if c in "*?[]\\" else c for c in container)
     return f"{prefix}changed:{escaped}*"
+
+
+def periodic_key(prefix: str, name: str, period: int) -> str:
+    """Set (NX) by the one worker that fires periodic task `name` for the period starting at
+    epoch second `period`."""
+    return f"{prefix}meta:periodic:{name}:{period}"

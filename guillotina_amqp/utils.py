@@ -15,7 +15,19 @@ from guillotina.interfaces import IRequest
 from guillotina.request import Request
 from guillotina.utils import get_authenticated_user, get_content_path, navigate_to
 
-from guillotina_amqp import context, control, eager, events, metrics, names, registry, settings, timing
+from guillotina_amqp import (
+    context,
+    control,
+    eager,
+    events,
+    expiry,
+    metrics,
+    names,
+    offload,
+    registry,
+    settings,
+    timing,
+)
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
@@ -80,6 +92,8 @@ async def add_task(
     _eta: datetime | float | None = None,
     _queue: str | None = None,
     _priority: int | None = None,
+    _expires: float | datetime | None = None,
+    _run_in: str | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -101,16 +115,21 @@ async def add_task(
     With `amqp.eager` the task runs here and now (SPEC §11), no broker involved.
     Without an `amqp` settings block, logs a warning and returns None.
 
+    When and where it runs (SPEC §12): `_expires` (seconds from now, or a datetime):
+    not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
+    "process", default: the task's `@task(run_in=)`): where a plain `def` runs.
+
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
     id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
     `_timeout` that is not a positive number or a `_max_retries` below 0, for a bad
-    `_countdown`/`_eta`, for a queue name RabbitMQ would refuse (names.task_queue), and
-    for a `_priority` outside 0..9 or with quorum queues (which have no priorities).
-    Nothing is published then.
+    `_countdown`/`_eta`, a negative `_expires`, an unknown `_run_in`, for a queue name
+    RabbitMQ would refuse (names.task_queue), and for a `_priority` outside 0..9 or with
+    quorum queues (which have no priorities). Nothing is published then.
     """
     given = {"_timeout": _timeout, "_max_retries": _max_retries, "_priority": _priority}
     options = control.check_options(given, prefix="_")
+    options |= _when(func, _expires, _run_in)
     eta = timing.start_at(_countdown, _eta)
     if eta is not None:
         options["eta"] = eta
@@ -155,6 +174,12 @@ def _check_priority(config: settings.AMQPSettings, priority: int | None) -> None
     """ValueError for a priority with quorum queues: RabbitMQ 3.x refuses x-max-priority on them."""
     if priority is not None and config.queue_type == "quorum":
         raise ValueError("_priority is not available with amqp.queue_type 'quorum' (no priority queues)")
+
+
+def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
+    """The message fields saying when and where the task runs (only those that are set)."""
+    fields = {"expires": expiry.deadline(expires), "run_in": offload.check_run_in(_unwrap(func), run_in)}
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 async def _publish(

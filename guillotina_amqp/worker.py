@@ -9,6 +9,7 @@ building a job refuses the message into the error queue: nothing escapes.
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -17,7 +18,17 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import control, events, liveness, metrics, names, timing
+from guillotina_amqp import (
+    control,
+    events,
+    expiry,
+    liveness,
+    metrics,
+    names,
+    periodic_tasks,
+    recycling,
+    timing,
+)
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
@@ -42,7 +53,7 @@ class Action(enum.Enum):
     ACK = "ack"
     DELAY = "delay"  # through the delay queue, back to the main queue later
     DEAD_LETTER = "dead-letter"  # into the error queue
-    REQUEUE = "requeue"  # back to the main queue at once (a task's Reject)
+    REQUEUE = "requeue"  # back to the main queue at once (a task's Reject, --max-tasks)
     LEAVE = "leave"  # unacked: the broker redelivers it when our channel closes
 
 
@@ -112,6 +123,8 @@ class Worker:
         max_size: int | None = None,
         check_activity: bool = True,
         queues: Iterable[str] = (),
+        max_tasks: int | None = None,
+        max_load: float | None = None,
     ) -> None:
         self.request = request
         self.loop = loop
@@ -148,6 +161,14 @@ class Worker:
         self.activity: liveness.ActivityCheck | None = None
         self.probes_forwarded = 0
         self.presence = Presence(self)
+        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks (SPEC §12)
+        # recycling and load (SPEC §12): consume only while the gate is open
+        self.quota = recycling.Quota(max_tasks)
+        self.gate = recycling.Gate()
+        self.load_watch = None
+        if max_load is not None:
+            self.load_watch = recycling.LoadWatch(max_load, self._on_load, self.worker_id)
+        self.recycled = asyncio.Event()  # claimed max_tasks tasks and finished them
 
     @property
     def connection_name(self) -> str:
@@ -167,11 +188,17 @@ class Worker:
         self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.consumed)
         await self.connection.open()
         self.publisher = Publisher(self.settings, self.connection)
-        # the connection consumes again whenever it, our channel or our consumer is lost
-        await self.connection.keep(self._consume)
+        if self.load_watch is not None:
+            self.load_watch.check()  # a loaded machine takes nothing, from the start
+            self._background.append(asyncio.create_task(self.load_watch.run()))
+        if self.gate.open:
+            # the connection consumes again whenever it, our channel or our consumer is lost
+            await self.connection.keep(self._consume)
+        self._background.append(asyncio.create_task(self._gate_loop(consuming=self.gate.open)))
         self._background.append(asyncio.create_task(self._status_loop()))
         self._start_liveness()
         await self.presence.announce()
+        self._start_periodic()
         logger.info(
             "Worker %s consuming %s (prefetch %s, state manager %s)",
             self.worker_id,
@@ -189,11 +216,19 @@ class Worker:
                 self.worker_id,
                 self.settings.noop_after,
                 self.settings.kill_after,
-                busy=lambda: bool(self._handlers),
+                # a paused worker (--max-load, --max-tasks) expects no delivery: not idle
+                busy=lambda: bool(self._handlers) or not self.gate.open,
                 publish=self._publish_probe,
                 on_failure=self.fail,
             )
             self._background.append(asyncio.create_task(self.activity.run()))
+
+    def _start_periodic(self) -> None:
+        tasks = periodic_tasks.registered()
+        if tasks:
+            self.firer = periodic_tasks.Firer(tasks, self.state_manager, self.worker_id)
+            # an empty context: a firing is scheduled by no request, user or container
+            self._background.append(asyncio.create_task(self.firer.run(), context=contextvars.Context()))
 
     def fail(self, exit_code: int, reason: str) -> None:
         """A liveness check failed: record why; `g amqp-worker` exits with `exit_code`."""
@@ -216,13 +251,14 @@ class Worker:
         was deleted). The old channel keeps the deliveries still running; they settle on it.
         """
         assert self.connection is not None
-        self._channel = await self.connection.channel()
-        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
-        # slot to the blocked queues in random order; per consumer, the acked queue always won
-        shared = len(self.consumed) > 1
-        await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
+        if self._channel is None or not self._channel.is_open:  # an open one: consuming again
+            self._channel = await self.connection.channel()
+            # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+            # slot to the blocked queues in random order; per consumer, the acked queue always won
+            shared = len(self.consumed) > 1
+            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
+            self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
-        self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_tags = set()
         for queue in self.consumed:
             result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
@@ -234,6 +270,31 @@ class Worker:
             await self._on_message(channel, body, envelope, properties, queue)
 
         return on_message
+
+    async def _gate_loop(self, consuming: bool) -> None:
+        """Consume while the gate is open; stop consuming (what we hold unclaimed goes back) while held."""
+        while True:
+            await self.gate.changed.wait()
+            self.gate.changed.clear()
+            if self.gate.open == consuming or self._stopping:
+                continue
+            consuming = self.gate.open
+            try:
+                if consuming:
+                    assert self.connection is not None
+                    await self.connection.keep(self._consume)
+                else:
+                    await self._stop_consuming()
+            except Exception:
+                logger.exception(
+                    "Worker %s: could not %s consuming", self.worker_id, "resume" if consuming else "stop"
+                )
+                consuming = not consuming
+                await asyncio.sleep(REQUEUE_PAUSE)
+                self.gate.changed.set()
+
+    def _on_load(self, high: bool) -> None:
+        self.gate.hold(recycling.LOAD, high)
 
     async def _on_consumer_cancelled(self, channel: Channel, consumer_tag: str) -> None:
         # the broker cancels a consumer whose queue was deleted; the channel stays open
@@ -315,6 +376,11 @@ class Worker:
         self._handlers.discard(task)
         if not self._handlers and self._idle is not None:
             self._idle.set()
+        if not self._handlers and self.quota.done and not self.recycled.is_set():
+            logger.info(
+                "Worker %s ran its %s tasks (--max-tasks): recycling", self.worker_id, self.quota.limit
+            )
+            self.recycled.set()
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -336,10 +402,12 @@ class Worker:
             # not its time yet: back into a delay tier, uncounted, without taking a slot
             return Disposition(Action.DELAY, job.label, delay_ms=wait)
         await timing.until(data.get("eta"))
+        if self.quota.full:
+            return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
         assert self._slots is not None
         async with self._slots:
             try:
-                return await self._claim_and_run(job)
+                return await self._claim_within_quota(job)
             except asyncio.CancelledError:
                 raise
             except TaskStateUnusable as exc:
@@ -364,6 +432,17 @@ class Worker:
             logger.debug("Worker %s could not forward a no-op probe: %r", self.worker_id, exc)
         return Disposition(Action.ACK, "No-op probe")
 
+    async def _claim_within_quota(self, job: Job) -> Disposition:
+        """--max-tasks: claim only while a place is left; consume no more once none is."""
+        if not self.quota.take():
+            return Disposition(Action.REQUEUE, job.label)
+        self.gate.hold(recycling.MAX_TASKS, self.quota.full)
+        try:
+            return await self._claim_and_run(job)
+        finally:
+            self.quota.settle(claimed=job.started is not None)
+            self.gate.hold(recycling.MAX_TASKS, self.quota.full)
+
     async def _claim_and_run(self, job: Job) -> Disposition:
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
@@ -379,8 +458,18 @@ class Worker:
                 await self._notify(events.TaskCanceledEvent, job)
             return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
+        too_late = expiry.expired(job.data)
+        if too_late:
+            return await self._expire(job, too_late)
         await self._notify(events.TaskStartedEvent, job)
         return await self._settle(job, await self._run(job))
+
+    async def _expire(self, job: Job, reason: str) -> Disposition:
+        """Past its `_expires` deadline before it could start: never run, canceled."""
+        logger.info("%s %s; canceling it", job.label, reason)
+        await self._record(job, {"status": TaskStatus.CANCELED, "error": reason}, final=True)
+        await self._notify(events.TaskCanceledEvent, job, reason=reason)
+        return Disposition(Action.ACK, job.label)
 
     async def _run(self, job: Job) -> Outcome:
         task = asyncio.create_task(job.run())

@@ -361,7 +361,7 @@ async def user_info() -> dict:
 async def schedule_named(context: Any, request: Any) -> dict:
     """Schedules the task of tests.app that the body names (one of RUNNABLE)."""
     func = RUNNABLE[(await request.json())["task"]]
-    state = await add_task(func)
+    state = await (func() if hasattr(func, "schedule") else add_task(func))
     return {"task_id": state.task_id}
 
 
@@ -517,3 +517,65 @@ async def retry_once_then_mark(path: str, label: str) -> str:
 @task(priority=5)
 async def prioritized(path: str, label: str) -> str:
     return await write_marker(path, label)
+
+
+# -- when and where tasks run (tests/test_expiry.py, test_offload.py, test_periodic.py) --
+
+import dataclasses  # noqa: E402
+
+from guillotina_amqp import get_task_context  # noqa: E402
+
+
+def wait_for_file(path: str, go: str, seconds: float = 60) -> str:
+    """A plain def that blocks its thread (or process) until `go` exists: marks "started <pid>"
+    first, "done" after; gives up after `seconds`."""
+    with open(path, "a") as fh:
+        fh.write(f"started {os.getpid()}\n")
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(path, "a") as fh:
+        fh.write("done\n")
+    return "done"
+
+
+def sync_context() -> dict:
+    """The TaskContext a plain def sees, and the process it runs in."""
+    return {**dataclasses.asdict(get_task_context()), "pid": os.getpid()}
+
+
+def sync_fail(message: str) -> None:
+    if message == "exit":
+        raise SystemExit(3)
+    raise ValueError(message)
+
+
+@task(run_in="thread")
+def thread_context() -> dict:
+    return sync_context()
+
+
+@task(run_in="process")
+def process_context() -> dict:
+    return sync_context()
+
+
+@task(expires=0.001)
+async def soon_expired() -> str:
+    return "ran"
+
+
+RUNNABLE.update({"thread_context": thread_context, "process_context": process_context})
+
+
+#: the variable naming the file tests.periodic_app's firings append to (worker processes)
+PERIODIC_MARKS_ENV = "AMQP_TEST_PERIODIC_MARKS"
+#: task ids of the runs of record_period, in order (in-process workers)
+PERIODS: list[str] = []
+
+
+async def record_period() -> str:
+    """A periodic task for in-process workers: records which period it runs for."""
+    task_id = amqp_job.get().data["task_id"]
+    PERIODS.append(task_id)
+    return task_id

@@ -37,6 +37,18 @@ FAILED_STOP_TIMEOUT = 10
 _STARTUP_ERRORS: tuple[type[Exception], ...] = (AMQPError, *CONNECTION_ERRORS)
 
 
+#: Recycling and load (SPEC §12): flag, type (a value above 0), help.
+RECYCLING_FLAGS = (
+    ("--max-tasks", int, "claim at most this many tasks, finish them, give back the rest and exit 0"),
+    (
+        "--max-run-time",
+        float,
+        "seconds after which the worker shuts down gracefully and exits 0 (to be restarted)",
+    ),
+    ("--max-load", float, "take no tasks while the 1-minute load average is above this; resume below it"),
+)
+
+
 class WorkerCommand(Command):
     description = "Run a guillotina_amqp worker consuming the amqp.queue (or the --queue ones)"
 
@@ -59,6 +71,8 @@ class WorkerCommand(Command):
             default=None,
             help="tasks run at once (and prefetched); overrides amqp.max_running_tasks",
         )
+        for flag, kind, text in RECYCLING_FLAGS:
+            parser.add_argument(flag, type=_positive(kind), default=None, help=text)
         parser.add_argument(
             "--queue",
             action="append",
@@ -84,8 +98,12 @@ class WorkerCommand(Command):
         try:
             if arguments.metrics_server:
                 _serve_metrics(metrics_port(arguments.port))
-            # reads and checks the settings
-            worker = Worker(max_size=arguments.max_running_tasks, queues=arguments.queues)
+            worker = Worker(  # reads and checks the settings
+                max_size=arguments.max_running_tasks,
+                queues=arguments.queues,
+                max_tasks=arguments.max_tasks,
+                max_load=arguments.max_load,
+            )
             await _check_state_store(worker.settings)
             await worker.start()
         except _STARTUP_ERRORS as exc:
@@ -97,14 +115,33 @@ class WorkerCommand(Command):
             watchdog = LoopWatchdog(arguments.auto_kill_timeout)
             watchdog.start()
         try:
-            self.exit_code = await serve(worker)
+            self.exit_code = await serve(worker, arguments.max_run_time)
         finally:
             if watchdog is not None:
                 watchdog.stop()
 
 
-async def serve(worker: Worker) -> int:
-    """Run `worker` until a signal (graceful shutdown, exit 0) or a failed liveness check."""
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above 0 (a clear usage error otherwise)."""
+
+    def read(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} above 0, not {text!r}")
+        return value
+
+    return read
+
+
+async def serve(worker: Worker, max_run_time: float | None = None) -> int:
+    """Run `worker` until a signal (graceful shutdown, exit 0) or a failed liveness check.
+
+    Recycling (SPEC §12) shuts down gracefully too, exit 0: once the worker ran its
+    --max-tasks, or after `max_run_time` seconds.
+    """
     loop = asyncio.get_running_loop()
     signaled = asyncio.Event()
 
@@ -119,7 +156,9 @@ async def serve(worker: Worker) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await _first(signaled.wait(), worker.failed.wait())
+        await _first(
+            signaled.wait(), worker.failed.wait(), worker.recycled.wait(), _run_time(worker, max_run_time)
+        )
         if not worker.failed.is_set():
             shutdown = asyncio.ensure_future(worker.shutdown())
             await _first(shutdown, worker.failed.wait())
@@ -132,6 +171,15 @@ async def serve(worker: Worker) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _run_time(worker: Worker, seconds: float | None) -> None:
+    """Return after `seconds` (--max-run-time); never without it."""
+    if seconds is None:
+        await asyncio.Event().wait()
+        return
+    await asyncio.sleep(seconds)
+    logger.info("Worker %s ran for %gs (--max-run-time): recycling", worker.worker_id, seconds)
 
 
 async def _first(*aws: Any) -> None:

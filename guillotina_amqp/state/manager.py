@@ -153,6 +153,16 @@ class StateManager(Operations, abc.ABC):
     async def adopt_legacy(self) -> None:
         """Take over (and index) every state the original plugin left; a no-op where there is none."""
 
+    # -- periodic tasks (SPEC §12) ------------------------------------------
+    @abc.abstractmethod
+    async def claim_period(self, name: str, period: int, ttl: float, token: str) -> bool:
+        """Whether we (`token`) are the one worker firing periodic task `name` for `period`:
+        the first caller wins, for `ttl` seconds; asking again with the same token says yes."""
+
+    @abc.abstractmethod
+    async def release_period(self, name: str, period: int) -> None:
+        """Give a claimed period back (firing it failed): another worker may fire it."""
+
     # -- SPEC §5 ------------------------------------------------------------
     @abc.abstractmethod
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None: ...

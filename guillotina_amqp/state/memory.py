@@ -68,6 +68,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
         self._locks = _Expiring()
         self._canceled: dict[str, float] = {}
         self._watches: dict[str, set[Watch]] = {}
+        self._periods = _Expiring()
 
     def _changed(self, task_id: str) -> None:
         for watch in self._watches.get(task_id, ()):
@@ -183,6 +184,15 @@ class MemoryStateManager(MemoryOperations, StateManager):
             watchers.discard(watch)
             if not watchers:
                 del self._watches[task_id]
+
+    async def claim_period(self, name: str, period: int, ttl: float, token: str) -> bool:
+        key = f"{name}:{period}"
+        if self._periods.live(key) is None:
+            self._periods.put(key, token, ttl)
+        return self._periods.live(key) == token
+
+    async def release_period(self, name: str, period: int) -> None:
+        self._periods.pop(f"{name}:{period}", None)
 
     # -- SPEC §5 ------------------------------------------------------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:

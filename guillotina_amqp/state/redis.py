@@ -631,6 +631,17 @@ class RedisStateManager(RedisOperations, StateManager):
     async def refresh_lock(self, task_id: str, ttl: int) -> bool:
         return await self._owned_lock(task_id, ttl)
 
+    async def claim_period(self, name: str, period: int, ttl: float, token: str) -> bool:
+        key = names.periodic_key(self.prefix, name, period)
+        if await self._call(lambda client: client.set(key, token, nx=True, px=max(1, round(ttl * 1000)))):
+            return True
+        # a retried SET may have found its own first attempt's key: that claim is ours
+        return _text(await self._call(lambda client: client.get(key)) or b"") == token
+
+    async def release_period(self, name: str, period: int) -> None:
+        key = names.periodic_key(self.prefix, name, period)
+        await self._call(lambda client: client.delete(key))
+
     async def cancel(self, task_id: str) -> bool:
         key, now, state_ttl = names.cancel_key(self.prefix), time.time(), self.state_ttl
 
