@@ -507,6 +507,18 @@ def table(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def cpu_line(r: dict) -> str:
+    """The worker's CPU per task and its start-up time for (b) and (c): regressions show here
+    before the noisy rates do."""
+    parts = []
+    for key, name in (("b_redis", "(b) redis"), ("b_memory", "(b) memory"), ("c_sleep", "(c) sleeps")):
+        if key in r:
+            parts.append(
+                f"{name} {r[key]['worker_cpu_us_per_task']} (start-up {r[key]['worker_startup_s']} s)"
+            )
+    return ", ".join(parts) or "-"
+
+
 def median_of(runs: list[dict]) -> dict:
     """Field by field median of several runs (nested dicts; non-numbers from the first run)."""
     first = runs[0]
@@ -589,6 +601,7 @@ def report(results: dict, output: str) -> None:
     for key, label in (("e_enqueue", "add_task"), ("b_redis", "worker, per message")):
         calls = results["median"][key]["redis_calls_per_task"]
         print(f"  Redis commands per task, {label}: {calls}")
+    print(f"  Worker CPU per task, µs: {cpu_line(results['median'])}")
     Path(output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {output}")
 

@@ -13,9 +13,8 @@ names secrets (`secret_headers={"Authorization": "billing"}`) whose values only 
 workers' `amqp.http_tasks.secrets` hold.
 """
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import aiohttp
 import orjson
 import yarl
 
@@ -25,6 +24,9 @@ from guillotina_amqp.message import SECRET_HEADERS, public_url
 from guillotina_amqp.settings import HTTPTasksSettings, get_settings
 from guillotina_amqp.state import TaskState
 from guillotina_amqp.utils import add_task
+
+if TYPE_CHECKING:  # aiohttp is imported where a request is made: importing it costs every
+    import aiohttp  # process (the worker's start-up above all) about 0.3 s, most never use it
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -157,6 +159,8 @@ async def http_request(
         raise Fail(f"refused: {exc}") from None
     secrets = {name: settings.secrets[secret] for name, secret in secret_headers.items()}
     call = _Call(method, url, json, {**headers, **secrets})
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
     # trust_env=False: no HTTP_PROXY from the environment between the worker and the allowed host
     async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
@@ -171,7 +175,7 @@ async def http_request(
 
 
 def _redirected(
-    answer: aiohttp.ClientResponse, call: _Call, plain_headers: dict[str, str], settings: HTTPTasksSettings
+    answer: "aiohttp.ClientResponse", call: _Call, plain_headers: dict[str, str], settings: HTTPTasksSettings
 ) -> _Call:
     """The request a redirect asks for, if it goes to an allowed URL; else Fail."""
     location = answer.headers.get("Location")
@@ -189,7 +193,7 @@ def _redirected(
     return call._replace(url=target)
 
 
-async def _result(answer: aiohttp.ClientResponse, call: _Call) -> dict[str, Any]:
+async def _result(answer: "aiohttp.ClientResponse", call: _Call) -> dict[str, Any]:
     raw = await answer.read()
     body = _body(answer, raw)
     quoted = f"HTTP {answer.status} from {call.method} {call.url}: {str(body)[:QUOTED_BODY]}"
@@ -202,7 +206,7 @@ async def _result(answer: aiohttp.ClientResponse, call: _Call) -> dict[str, Any]
     return {"status": answer.status, "headers": kept, "body": body}
 
 
-def _body(answer: aiohttp.ClientResponse, raw: bytes) -> Any:
+def _body(answer: "aiohttp.ClientResponse", raw: bytes) -> Any:
     """The answer's body: decoded JSON when it says it is JSON (and is), else text."""
     content_type = answer.content_type or ""
     if content_type == "application/json" or content_type.endswith("+json"):

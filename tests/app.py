@@ -357,6 +357,14 @@ async def user_info() -> dict:
     }
 
 
+async def root_password_set() -> bool:
+    """Whether this process holds a (hashed) root password."""
+    from guillotina.component import get_utility
+    from guillotina.interfaces import IApplication
+
+    return bool(get_utility(IApplication, name="root").root_user.password)
+
+
 @configure.service(context=IContainer, method="POST", name="@test-run", permission="guillotina.AccessContent")
 async def schedule_named(context: Any, request: Any) -> dict:
     """Schedules the task of tests.app that the body names (one of RUNNABLE)."""

@@ -29,6 +29,15 @@ async def test_start_logs_queue_prefetch_state_manager_and_worker_id(guillotina_
         ), worker.output
 
 
+async def test_worker_skips_hashing_the_root_password(guillotina_main):
+    # the argon2 hash of root_user.password is most of a worker's start-up; no one logs in there
+    assert await app.root_password_set()  # this (API) process has it
+    async with WorkerProcess(worker_config(persistent_manager="redis")) as worker:
+        await worker.wait_consuming()
+        final = await (await add_task(app.root_password_set)).join(timeout=60)
+    assert (final["status"], final["result"]) == (TaskStatus.FINISHED, False)
+
+
 async def test_max_running_tasks_flag_overrides_setting_and_prefetch(guillotina_main, tmp_path):
     gate = tmp_path / "go"
     config = worker_config(max_running_tasks=5)
