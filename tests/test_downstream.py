@@ -9,8 +9,9 @@ import uuid
 import orjson
 
 from guillotina_amqp import add_task
-from guillotina_amqp.state import TaskState, TaskStatus
+from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests.app import add
+from tests.utils import wait_for
 
 pytest_plugins = ["guillotina_amqp.tests.fixtures"]
 
@@ -26,5 +27,7 @@ async def test_a_message_published_on_amqp_channel_runs_on_amqp_worker(amqp_work
     task_id = str(uuid.uuid4())
     body = {"func": "tests.app.add", "args": [1, 1], "kwargs": {}, "task_id": task_id, "req_data": {}}
     await amqp_channel.publish(orjson.dumps(body), amqp_worker.settings.exchange, amqp_worker.queue_main)
+    # no add_task recorded it: its state exists once the worker claimed it
+    await wait_for(lambda: get_state_manager().exists(task_id), what="the worker to claim it")
     final = await TaskState(task_id).join()
     assert final["status"] == TaskStatus.FINISHED and final["result"] == 2

@@ -165,13 +165,13 @@ async def _only_own_ids_touched(ids: set) -> None:
         async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
             name = raw.decode()[len(prefix) :]
             kind = (await client.type(raw)).decode()
-            if name == "cancel":
-                assert kind == "zset", kind
-                continue
-            owner = name.split(":", 1)[1] if name.startswith(("lock:", "eventlog:")) else name
+            if name == "cancel" or name.startswith(("meta:workers", "meta:index:")):
+                continue  # the cancel set, worker presence and container indexes: no task's own
+            owner = name
+            for bookkeeping in ("lock:", "eventlog:", "meta:times:"):
+                owner = owner.removeprefix(bookkeeping)
             assert is_valid_task_id(owner) and owner in ids, name
-            assert kind == (
-                "list" if name.startswith("eventlog:") else "string" if name.startswith("lock:") else "hash"
-            )
+            expected = {"eventlog:": "list", "lock:": "string"}
+            assert kind == next((v for k, v in expected.items() if name.startswith(k)), "hash"), name
     finally:
         await client.aclose()
