@@ -9,6 +9,7 @@ from guillotina_amqp import task_index
 from guillotina_amqp.state import TaskStatus
 from tests import test_state
 from tests.test_state import BOTH, JOB, new_id
+from tests.utils import wait_for
 
 state = test_state.state  # the fixture: the configured manager, checked to be the one asked for
 
@@ -83,7 +84,7 @@ async def test_entries_whose_state_expired_are_skipped_and_dropped(state, manage
     gone = await schedule(state)
     kept = await schedule(state)
     await state.update(gone, {"status": TaskStatus.FINISHED}, ttl=1)
-    await asyncio.sleep(1.5)  # the state's TTL (there is nothing to wait on)
+    await wait_for(lambda: _expired(state, gone), what="the state's TTL to run out")
     assert await task_index.all_ids(state, C1) == [kept]  # the unpaged listing too
     assert await ids(state, C1) == [kept]
     assert [task_id for _, task_id in await state.index_page(C1, None, None, 10)] == [kept]
@@ -113,7 +114,7 @@ async def test_workers_announce_and_expire(state, manager):
     await state.announce("w1", {"worker_id": "w1", "running": []}, ttl=60)
     await state.announce("w2", {"worker_id": "w2", "running": []}, ttl=0.3)
     assert sorted(w["worker_id"] for w in await state.workers()) == ["w1", "w2"]
-    await asyncio.sleep(0.5)  # w2's TTL
+    await wait_for(lambda: _retired(state, "w2"), what="w2's announcement to expire")
     assert [w["worker_id"] for w in await state.workers()] == ["w1"]
     await state.retire("w1")
     assert await state.workers() == []
@@ -142,3 +143,11 @@ async def test_a_function_filter_reads_a_bounded_stretch_per_page(state, manager
     second = await task_index.page(state, C1, 10, first.cursor, None, None, "rare")
     assert [task["task_id"] for task in second.tasks] == [wanted] and second.cursor is None
     assert len(await ids(state, C1)) == len(others) + 1
+
+
+async def _expired(state, task_id: str) -> bool:
+    return not await state.exists(task_id)
+
+
+async def _retired(state, worker_id: str) -> bool:
+    return worker_id not in [w["worker_id"] for w in await state.workers()]
