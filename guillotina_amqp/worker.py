@@ -41,6 +41,8 @@ from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
 
+#: seconds a stopping worker waits for the broker to confirm each consumer's cancel
+STOP_CONSUMING_TIMEOUT = 5.0
 #: seconds to wait before handing back a message we could not send to the delay queue
 REQUEUE_PAUSE = 1.0
 #: how often our own failures (not the task's) sent the message round the delay queue
@@ -355,8 +357,9 @@ class Worker:
             self.connection.forget(self._consume)
         if self._channel is not None and self._channel.is_open:
             for consumer_tag in self._consumer_tags:
-                with contextlib.suppress(*CONNECTION_ERRORS):
-                    await self._channel.basic_cancel(consumer_tag)
+                # bounded: a broker that never answers must not hold a stopping worker for ever
+                with contextlib.suppress(asyncio.TimeoutError, *CONNECTION_ERRORS):
+                    await asyncio.wait_for(self._channel.basic_cancel(consumer_tag), STOP_CONSUMING_TIMEOUT)
 
     # -- one delivery ---------------------------------------------------------
     async def _on_message(
