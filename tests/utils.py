@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import io
 import time
 from typing import Any, Awaitable, Callable
 
@@ -82,7 +83,23 @@ async def running_worker(no_retries: bool = False, **kwargs: Any):
     try:
         yield worker
     finally:
-        await worker.stop()
+        await stopped(worker)
+
+
+#: seconds a test worker may take to stop (its own bounds are 5 s per step)
+STOP_LIMIT = 60
+
+
+async def stopped(worker: Worker) -> None:
+    """worker.stop(); a stop that hangs fails the test with every task's stack, not CI's clock."""
+    stopping = asyncio.ensure_future(worker.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=STOP_LIMIT)
+    if not done:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=stacks)
+        raise AssertionError(f"worker.stop() still running after {STOP_LIMIT} s:\n{stacks.getvalue()}")
+    stopping.result()
 
 
 async def cleanup_namespace(namespace: str) -> None:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
 
+from guillotina_amqp import names
+
 T = TypeVar("T")
 
 #: index position: (score, task id) of the last entry of a page, the next page starts after it
@@ -31,6 +33,8 @@ class Operations(abc.ABC):
     async def _indexed(self, transition: Awaitable[T], task_id: str) -> T:
         """`transition`, then the index of the status it left, sent together (the Redis manager
         pipelines the script calls made in one loop turn: still one round trip)."""
+        if names.container_of(task_id) is None:
+            return await transition  # not indexed: no second call to wait for
         await self._connected()  # else the two calls could race to connect and swap places
         result, _ = await asyncio.gather(transition, self.index(task_id))
         return result

@@ -42,6 +42,7 @@ from guillotina_amqp.state.manager import (
 )
 from guillotina_amqp.state.redis_operations import SCRIPTS as OPERATIONS_SCRIPTS
 from guillotina_amqp.state.redis_operations import RedisOperations
+from guillotina_amqp.state.redis_pipe import RedisPipe
 from guillotina_amqp.state.status import TaskStatus
 
 logger = logging.getLogger("guillotina_amqp")
@@ -274,74 +275,6 @@ async def _first_then_retrying(call: Callable[[], Awaitable[T]]) -> T:
         return await _retrying(call)
 
 
-class _ScriptBatch:
-    """Sends the script calls made during one event-loop iteration as one pipeline.
-
-    Twenty running tasks, or a hundred concurrent add_task callers, then share
-    one write, one read and one connection instead of paying redis-py's
-    per-command overhead each. Every script stays atomic on its own; a
-    pipeline only saves round trips (no MULTI: one failing call fails alone).
-    """
-
-    def __init__(self, client: Redis) -> None:
-        self.client = client
-        self.loop = asyncio.get_running_loop()
-        self.pending: list[tuple[Any, list, list, asyncio.Future]] = []
-
-    def run(self, script: Any, keys: list, args: list) -> asyncio.Future:
-        future = self.loop.create_future()
-        if not self.pending:
-            self.loop.call_soon(self._flush)
-        self.pending.append((script, keys, args, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if len(batch) == 1:
-            script, keys, args, future = batch[0]
-            _chain(asyncio.ensure_future(script(keys=keys, args=args)), future)
-        else:
-            asyncio.ensure_future(self._send(batch))
-
-    async def _send(self, batch: list[tuple[Any, list, list, asyncio.Future]]) -> None:
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (script, keys, args, future), result in zip(batch, results):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(result, NoScriptError):
-                # scripts flushed (or a new server): the script object loads itself again
-                _chain(asyncio.ensure_future(script(keys=keys, args=args)), future)
-            elif isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-
-def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
-    def copy(done: asyncio.Future) -> None:
-        if target.done():
-            return
-        if done.cancelled():
-            target.cancel()
-        elif done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(done.result())
-
-    source.add_done_callback(copy)
-
-
 class _Notifier:
     """One pattern subscription per process that wakes the local `watch()`ers."""
 
@@ -393,7 +326,8 @@ class RedisStateManager(RedisOperations, StateManager):
         self._client: Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._notifier: _Notifier | None = None
-        self._batch: _ScriptBatch | None = None
+        self._pipe: RedisPipe | None = None
+        self._opening: asyncio.Task[RedisPipe] | None = None
         self._legacy_adopted = False
 
     @property
@@ -409,10 +343,30 @@ class RedisStateManager(RedisOperations, StateManager):
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         client = self._client if self._client is not None else await self.client()
-        batch = self._batch
-        if batch is None or batch.client is not client or batch.loop is not asyncio.get_running_loop():
-            batch = self._batch = _ScriptBatch(client)
-        return await _first_then_retrying(lambda: batch.run(self._scripts[script], keys, args))
+        return await _first_then_retrying(lambda: self._evalsha(client, script, keys, args))
+
+    async def _evalsha(self, client: Redis, name: str, keys: list[str], args: list[Any]) -> Any:
+        pipe = self._pipe
+        if pipe is None or not pipe.usable or pipe.client is not client:
+            pipe = await self._open_pipe(client)
+        script = self._scripts[name]
+        try:
+            return await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await script(keys=keys, args=args)  # scripts flushed, or a new server: loads it
+
+    async def _open_pipe(self, client: Redis) -> RedisPipe:
+        """The scripts' connection; concurrent callers wait for the same one to open."""
+        opening = self._opening
+        if opening is None or opening.get_loop() is not asyncio.get_running_loop():
+            opening = self._opening = asyncio.create_task(RedisPipe.open(client))
+        try:
+            pipe: RedisPipe = await asyncio.shield(opening)
+            self._pipe = pipe
+        finally:
+            if self._opening is opening and opening.done():
+                self._opening = None
+        return pipe
 
     async def _transition(self, script: str, task_id: str, keys: list[str], args: list[Any]) -> list[Any]:
         """Run a state script (KEYS[1] = the state); take over the original's JSON state when found."""
@@ -548,6 +502,9 @@ class RedisStateManager(RedisOperations, StateManager):
         return self._notifier
 
     async def finalize(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
         if self._notifier is not None:
             await self._notifier.close()
             self._notifier = None

@@ -1,0 +1,149 @@
+"""One pipelined Redis connection for the state scripts.
+
+Every script call of a loop turn goes out in one write, and replies are matched
+to their callers in order (Redis answers a connection's commands in the order it
+got them), read by the protocol's `data_received` with hiredis' C parser. No
+connection checkout, coroutine or timer per command: the worker's per-task cost
+of Redis was mostly redis-py's pipeline machinery, not the round trip.
+
+The connection is the client's own: the same address, database and credentials
+(the master the Sentinels name, when the client is a Sentinel one). A lost or
+silent connection fails every waiting call with redis-py's ConnectionError or
+TimeoutError, which the state manager's retries already handle: the next call
+opens a new connection.
+"""
+
+import asyncio
+import collections
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from guillotina_amqp.state.redis_client import SOCKET_TIMEOUT
+
+
+def _reply_error(message: str) -> ResponseError:
+    # the one server error the caller acts on: the script cache was flushed
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+class RedisPipe(asyncio.Protocol):
+    """`await pipe.call(*command)`: sent with the other calls of the loop turn, answered in order."""
+
+    def __init__(self, client: Redis, timeout: float = SOCKET_TIMEOUT) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(replyError=_reply_error)
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.outgoing: list[bytes] = []
+        self.closed: Exception | None = None
+        self._last_reply = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @classmethod
+    async def open(cls, client: Redis) -> "RedisPipe":
+        """A connection to the server `client` talks to, authenticated and on its database."""
+        pool = client.connection_pool
+        options = pool.connection_kwargs
+        pipe = cls(client)
+        try:
+            if isinstance(pool, SentinelConnectionPool):
+                host, port = await pool.get_master_address()
+                await pipe.loop.create_connection(lambda: pipe, host, port)
+            elif options.get("path"):
+                await pipe.loop.create_unix_connection(lambda: pipe, options["path"])
+            else:
+                host, port = options.get("host", "localhost"), options.get("port", 6379)
+                await asyncio.wait_for(pipe.loop.create_connection(lambda: pipe, host, port), pipe.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RedisConnectionError(f"cannot connect to Redis for the task state: {exc!r}") from exc
+        await pipe._handshake(options)
+        return pipe
+
+    async def _handshake(self, options: dict[str, Any]) -> None:
+        password, username = options.get("password"), options.get("username")
+        if password:
+            await self.call("AUTH", *([username] if username else []), password)
+        if options.get("db"):
+            await self.call("SELECT", options["db"])
+
+    @property
+    def usable(self) -> bool:
+        return self.closed is None and self.loop is asyncio.get_running_loop()
+
+    def call(self, *command: Any) -> asyncio.Future:
+        """The reply to `command` (a ResponseError reply is raised), as a future."""
+        future = self.loop.create_future()
+        if self.closed is not None:
+            future.set_exception(self.closed)
+            return future
+        if not self.outgoing:
+            self.loop.call_soon(self._flush)
+        self.outgoing.append(hiredis.pack_command(command))
+        self.waiting.append(future)
+        return future
+
+    def _flush(self) -> None:
+        data, self.outgoing = b"".join(self.outgoing), []
+        if self.transport is None or self.closed is not None:
+            return  # the futures of these commands were failed with the connection
+        self.transport.write(data)
+        if self._watchdog is None:
+            self._last_reply = self.loop.time()
+            self._watchdog = self.loop.call_later(self.timeout, self._check_silence)
+
+    def _check_silence(self) -> None:
+        """Every `timeout` s while replies are owed: a server silent that long counts as down."""
+        self._watchdog = None
+        if not self.waiting:
+            return
+        silent = self.loop.time() - self._last_reply
+        if silent >= self.timeout:
+            self._fail(RedisTimeoutError(f"Redis sent no reply for {silent:.1f} s"))
+        else:
+            self._watchdog = self.loop.call_later(self.timeout - silent, self._check_silence)
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        self._last_reply = self.loop.time()
+        while self.waiting:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            future = self.waiting.popleft()
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, ResponseError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"Redis connection of the task state lost: {exc!r}"))
+
+    def _fail(self, error: Exception) -> None:
+        if self.closed is None:
+            self.closed = error
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self._fail(RedisConnectionError("Redis connection of the task state closed"))
