@@ -20,16 +20,19 @@ from typing import Any
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guillotina_amqp.state.redis_client import SOCKET_TIMEOUT
 
+#: server errors that mean something to the caller: the script cache was flushed; a server still
+#: loading its data (a ConnectionError to redis-py: retried); a master demoted to a replica
+_REPLY_ERRORS = {"NOSCRIPT": NoScriptError, "LOADING": BusyLoadingError, "READONLY": ReadOnlyError}
 
-def _reply_error(message: str) -> ResponseError:
-    # the one server error the caller acts on: the script cache was flushed
-    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+def _reply_error(message: str) -> Exception:
+    return _REPLY_ERRORS.get(message.partition(" ")[0], ResponseError)(message)
 
 
 class RedisPipe(asyncio.Protocol):
@@ -121,10 +124,14 @@ class RedisPipe(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
+            if isinstance(reply, ReadOnlyError):
+                # a Sentinel failover demoted our server: a new connection asks them again
+                self._fail(RedisConnectionError(f"Redis server of the task state is a replica now: {reply}"))
+                return
             future = self.waiting.popleft()
             if future.done():
                 continue  # its caller was cancelled
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
