@@ -19,6 +19,7 @@ from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
 from guillotina_amqp import names
+from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -273,8 +274,7 @@ class AMQPConnection:
         """Close the connection and stop reconnecting it."""
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
+            await cancel_and_wait([supervisor])
         await self._drop()
 
 

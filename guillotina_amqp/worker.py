@@ -30,6 +30,7 @@ from guillotina_amqp import (
     timing,
 )
 from guillotina_amqp import message as messages
+from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
@@ -345,8 +346,8 @@ class Worker:
         """Cancel running tasks (left for redelivery) and close the connection."""
         self._stopping = True
         await self._stop_consuming()
-        self.cancel()
-        await asyncio.gather(*self._handlers, *self._background, return_exceptions=True)
+        self.cancel_running()
+        await cancel_and_wait([*self._handlers, *self._background])
         self._background.clear()
         await self.presence.retire()
         if self.connection is not None:

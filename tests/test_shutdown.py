@@ -1,13 +1,16 @@
 """Graceful shutdown (SPEC §9): SIGTERM/SIGINT let running tasks finish up to
 amqp.shutdown_timeout; what still runs then is left unacked and redelivered."""
 
+import asyncio
 import signal
 
 import pytest
 
-from guillotina_amqp import add_task
+from guillotina_amqp import add_task, cancelling
+from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.liveness import EXIT_OK
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
+from guillotina_amqp.worker import Worker
 from tests import app
 from tests.subprocess_worker import WorkerProcess, worker_config
 from tests.utils import lines, queue_counts, wait_for
@@ -95,3 +98,38 @@ def app_queue() -> str:
     from guillotina_amqp.settings import get_settings
 
     return get_settings().queue
+
+
+async def _swallowing_once(swallowed: list[int]) -> None:
+    """A loop that lives through one cancellation, as one does under Python 3.11's wait_for
+    when the cancel arrives just as the call it waits for completes."""
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(1)
+
+
+async def test_cancel_and_wait_cancels_again_what_lived_through_a_cancellation():
+    swallowed: list[int] = []
+    task = asyncio.create_task(_swallowing_once(swallowed))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait([task], patience=0.1), 30)
+    assert task.cancelled() and swallowed == [1]
+
+
+async def test_a_stopping_worker_does_not_wait_for_ever_on_a_loop_that_swallowed_its_cancel(
+    guillotina_main, monkeypatch
+):
+    monkeypatch.setattr(cancelling, "PATIENCE", 0.1)
+    swallowed: list[int] = []
+    worker = Worker()
+    await worker.start()
+    loop_task = asyncio.create_task(_swallowing_once(swallowed))
+    worker._background.append(loop_task)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(worker.stop(), 30)
+    assert loop_task.cancelled() and swallowed == [1]
+    assert not worker.connection.is_open

@@ -26,6 +26,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guillotina_amqp import names
+from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired, TaskStateUnusable
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
@@ -314,9 +315,7 @@ class _Notifier:
                 watch.event.set()
 
     async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        await cancel_and_wait([self.task])
 
 
 @configure.utility(provides=IStateManagerUtility, name="redis")
