@@ -1,5 +1,6 @@
 """Prometheus metrics of the worker; a no-op when prometheus-client is not installed."""
 
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -48,8 +49,14 @@ def measure(metric: Any, value: float, labels: dict[str, str] | Sequence[str] | 
 
 def observe(dotted_name: str, final_status: str, container_id: str | None, seconds: float) -> None:
     if ENABLED:
-        measure(JOB_DURATION, seconds, (dotted_name, final_status, container_id or ""))
-        JOBS.labels(final_status).inc()
+        _labelled(JOB_DURATION, dotted_name, final_status, container_id or "").observe(seconds)
+        _labelled(JOBS, final_status).inc()
+
+
+@functools.lru_cache(maxsize=4096)
+def _labelled(metric: Any, *labels: str) -> Any:
+    # per task: prometheus_client validates and locks on every labels() call
+    return metric.labels(*labels)
 
 
 def beacon_received() -> None:
