@@ -88,6 +88,19 @@ async def test_a_killed_connection_fails_the_waiting_calls_and_the_next_ones():
         await admin.aclose()
 
 
+async def test_silence_counts_from_the_first_reply_owed_not_from_the_last_one_received():
+    pipe = await RedisPipe.open(_client())
+    pipe.timeout = 0.5
+    try:
+        assert await pipe.call("PING") == b"PONG"  # starts the watchdog; nothing owed after it
+        await asyncio.sleep(0.4)
+        # owed from now on: the watchdog due 0.5 s after the PING must not count the idle 0.4 s
+        assert await asyncio.wait_for(pipe.call("BLPOP", f"test-pipe-{uuid.uuid4().hex}", 0.2), 10) is None
+        assert pipe.usable
+    finally:
+        pipe.close()
+
+
 async def _fake_redis(reply: bytes | None):
     """A server that answers every command with `reply`, or never answers (None)."""
 

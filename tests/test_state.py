@@ -7,6 +7,7 @@ worker or the REST API observes must not depend on which one is configured.
 import asyncio
 import contextlib
 import uuid
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -15,7 +16,7 @@ from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquir
 from guillotina_amqp.state import StateManager, TaskState, TaskStatus, get_state_manager
 from guillotina_amqp.state.manager import CANCELED, CLAIMED, DONE, LOCKED
 from guillotina_amqp.state.memory import MemoryStateManager
-from guillotina_amqp.state.redis import RedisStateManager
+from guillotina_amqp.state.redis import RedisStateManager, _Notifier
 from tests.own_redis import OWN_REDIS, OwnRedis
 from tests.utils import wait_for
 
@@ -510,3 +511,44 @@ async def test_one_round_trip_per_transition(own_redis, state, manager):
     # create, claim and finish send the container index's script in the same pipeline: one
     # round trip, two commands as MONITOR sees them, until INDEX joins their scripts
     assert counts == {**dict.fromkeys(counts, 1), "create": 2, "claim": 2, "finish": 2}
+
+
+class _UnconfirmedPubSub:
+    """A pubsub whose PSUBSCRIBE Redis has not run yet, until `confirm` is set."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+        self.confirm = asyncio.Event()
+
+    async def __aenter__(self) -> "_UnconfirmedPubSub":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        pass
+
+    async def psubscribe(self, pattern: str) -> None:
+        self.sent.set()
+
+    async def get_message(self, ignore_subscribe_messages: bool = False, timeout: float = 0) -> Any:
+        if ignore_subscribe_messages:  # dispatching: nothing is published in this test
+            await asyncio.sleep(timeout)
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.confirm.wait(), timeout)
+            return {"type": "psubscribe", "pattern": None, "channel": b"x*", "data": 1}
+        return None
+
+
+async def test_the_state_listener_is_ready_only_once_redis_confirmed_its_subscription():
+    # ready before the confirmation, a change published meanwhile on another connection
+    # (which Redis may run first) would wake no watcher: join() would wait out its timeout
+    pubsub = _UnconfirmedPubSub()
+    notifier = _Notifier(SimpleNamespace(pubsub=lambda: pubsub), "x*")
+    try:
+        await asyncio.wait_for(pubsub.sent.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert not notifier.ready.is_set()
+        pubsub.confirm.set()
+        await asyncio.wait_for(notifier.ready.wait(), 10)
+    finally:
+        await notifier.close()

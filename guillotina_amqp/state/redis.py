@@ -290,8 +290,9 @@ class _Notifier:
         while True:
             try:
                 async with self.client.pubsub() as pubsub:
-                    await pubsub.psubscribe(self.pattern)
+                    await self._subscribe(pubsub)
                     self.ready.set()
+                    self._wake_all()  # a change made while we were not subscribed: re-read
                     await self._dispatch(pubsub)
             except asyncio.CancelledError:
                 raise
@@ -301,6 +302,15 @@ class _Notifier:
                 self._wake_all()
                 logger.warning("Task state listener lost its Redis connection; resubscribing")
                 await asyncio.sleep(0.5)
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        # redis-py returns once PSUBSCRIBE is sent; a change published before Redis ran it (on
+        # another connection, it may run first) would wake nobody: wait for the confirmation
+        await pubsub.psubscribe(self.pattern)
+        while True:
+            message = await pubsub.get_message(timeout=5)
+            if message is not None and message["type"] == "psubscribe":
+                return
 
     async def _dispatch(self, pubsub: Any) -> None:
         while True:

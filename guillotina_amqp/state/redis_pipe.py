@@ -57,14 +57,15 @@ class RedisPipe(asyncio.Protocol):
         options = pool.connection_kwargs
         pipe = cls(client)
         try:
-            if isinstance(pool, SentinelConnectionPool):
-                host, port = await pool.get_master_address()
-                await pipe.loop.create_connection(lambda: pipe, host, port)
-            elif options.get("path"):
-                await pipe.loop.create_unix_connection(lambda: pipe, options["path"])
+            if options.get("path"):
+                connecting = pipe.loop.create_unix_connection(lambda: pipe, options["path"])
             else:
-                host, port = options.get("host", "localhost"), options.get("port", 6379)
-                await asyncio.wait_for(pipe.loop.create_connection(lambda: pipe, host, port), pipe.timeout)
+                if isinstance(pool, SentinelConnectionPool):
+                    host, port = await pool.get_master_address()
+                else:
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                connecting = pipe.loop.create_connection(lambda: pipe, host, port)
+            await asyncio.wait_for(connecting, pipe.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis for the task state: {exc!r}") from exc
         await pipe._handshake(options)
@@ -89,6 +90,8 @@ class RedisPipe(asyncio.Protocol):
             return future
         if not self.outgoing:
             self.loop.call_soon(self._flush)
+        if not self.waiting:
+            self._last_reply = self.loop.time()  # silence counts from when a reply is first owed
         self.outgoing.append(hiredis.pack_command(command))
         self.waiting.append(future)
         return future
@@ -99,7 +102,6 @@ class RedisPipe(asyncio.Protocol):
             return  # the futures of these commands were failed with the connection
         self.transport.write(data)
         if self._watchdog is None:
-            self._last_reply = self.loop.time()
             self._watchdog = self.loop.call_later(self.timeout, self._check_silence)
 
     def _check_silence(self) -> None:
