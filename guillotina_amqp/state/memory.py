@@ -107,7 +107,9 @@ class MemoryStateManager(MemoryOperations, StateManager):
         return True
 
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        return await self._indexed(self._claim(task_id, job_data, lock_ttl, owner), task_id)
+        claim = await self._claim(task_id, job_data, lock_ttl, owner)
+        await self.index(task_id)
+        return claim
 
     async def _claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None) -> Claim:
         run = job_data.get("run", "")

@@ -8,13 +8,8 @@ when a page meets it.
 """
 
 import abc
-import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
-
-from guillotina_amqp import names
-
-T = TypeVar("T")
+from typing import Any, AsyncIterator, Iterable
 
 #: index position: (score, task id) of the last entry of a page, the next page starts after it
 Position = tuple[float, str]
@@ -28,19 +23,8 @@ class Operations(abc.ABC):
         """Index the status a container's task holds now, unless it is indexed already, and tell
         the container's listeners. Ids made outside a container are not indexed.
 
-        Idempotent and self-contained, so it may run alongside (right after) any transition."""
-
-    async def _indexed(self, transition: Awaitable[T], task_id: str) -> T:
-        """`transition`, then the index of the status it left, sent together (the Redis manager
-        pipelines the script calls made in one loop turn: still one round trip)."""
-        if names.container_of(task_id) is None:
-            return await transition  # not indexed: no second call to wait for
-        await self._connected()  # else the two calls could race to connect and swap places
-        result, _ = await asyncio.gather(transition, self.index(task_id))
-        return result
-
-    async def _connected(self) -> None:
-        """Make sure the store is reachable without waiting (a manager that connects overrides it)."""
+        Idempotent and self-contained, so it may run right after any transition (the Redis
+        manager runs it inside the transition's own script)."""
 
     @abc.abstractmethod
     async def index_page(

@@ -42,7 +42,7 @@ from guillotina_amqp.state.manager import (
     legacy_state,
 )
 from guillotina_amqp.state.redis_operations import SCRIPTS as OPERATIONS_SCRIPTS
-from guillotina_amqp.state.redis_operations import RedisOperations
+from guillotina_amqp.state.redis_operations import RedisOperations, indexing
 from guillotina_amqp.state.redis_pipe import RedisPipe
 from guillotina_amqp.state.status import TaskStatus
 
@@ -77,7 +77,7 @@ if kind == 'hash' then
   if current_run() >= ARGV[2] then return {'exists'} end
   redis.call('DEL', KEYS[1], KEYS[2])  -- an earlier run of a reused id: this one starts anew
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3, LAST))
 redis.call('PUBLISH', ARGV[1], 'scheduled')
 return {'created'}
 """
@@ -116,7 +116,7 @@ if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   return {'canceled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n, LAST))
 -- a live state never expires: it gets its state_ttl when the task ends
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[4])
@@ -140,7 +140,7 @@ if kind == 'hash' then
     return {'stale'}
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, LAST))
 if tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -160,7 +160,7 @@ local n = tonumber(ARGV[6])
 if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + 2 * n)) end
 if ARGV[5] == 'replace' then
   redis.call('DEL', KEYS[2])
-  if #ARGV > 6 + 2 * n then redis.call('RPUSH', KEYS[2], unpack(ARGV, 7 + 2 * n)) end
+  if LAST > 6 + 2 * n then redis.call('RPUSH', KEYS[2], unpack(ARGV, 7 + 2 * n, LAST)) end
 end
 local ttl = tonumber(ARGV[1])
 if ttl == 0 and kind == 'none' then ttl = tonumber(ARGV[2]) end
@@ -231,10 +231,11 @@ return 1
 
 
 SCRIPTS = {
-    "create": CREATE,
-    "claim": CLAIM,
-    "finish": FINISH,
-    "update": UPDATE,
+    # a transition of a container's task also indexes the status it leaves (redis_operations)
+    "create": indexing(CREATE, 2),
+    "claim": indexing(CLAIM, 4),
+    "finish": indexing(FINISH, 3),
+    "update": indexing(UPDATE, 2),
     "append_event": APPEND_EVENT,
     "read": READ,
     "take_over": TAKE_OVER,
@@ -377,10 +378,14 @@ class RedisStateManager(RedisOperations, StateManager):
                 self._opening = None
         return pipe
 
-    async def _transition(self, script: str, task_id: str, keys: list[str], args: list[Any]) -> list[Any]:
-        """Run a state script (KEYS[1] = the state); take over the original's JSON state when found."""
+    async def _transition(
+        self, script: str, task_id: str, keys: list[str], args: list[Any], indexed: bool = False
+    ) -> list[Any]:
+        """Run a state script (KEYS[1] = the state); take over the original's JSON state when found.
+        `indexed`: the script also indexes the status it leaves (a container's task)."""
         for _ in range(TAKE_OVER_ATTEMPTS):
-            found = await self._run(script, keys, args)
+            index_keys, index_args = self._index_parts(task_id) if indexed else ([], [])
+            found = await self._run(script, [*keys, *index_keys], [*args, *index_args])
             kind = _text(found[0])
             if kind == "legacy":
                 await self._take_over(task_id)
@@ -431,8 +436,8 @@ class RedisStateManager(RedisOperations, StateManager):
         check_task_id(task_id)
         prefix = self.prefix
         args = [names.done_channel(prefix, task_id), orjson.dumps(data.get("run", "")), *_fields(data)]
-        found = await self._indexed(
-            self._transition("create", task_id, self._state_keys(task_id, prefix), args), task_id
+        found = await self._transition(
+            "create", task_id, self._state_keys(task_id, prefix), args, indexed=True
         )
         return found[0] == "created"
 
@@ -447,7 +452,7 @@ class RedisStateManager(RedisOperations, StateManager):
         args += [len(initial) // 2, *initial, *running]
         state, events = self._state_keys(task_id, prefix)
         keys = [state, names.lock_key(prefix, task_id), names.cancel_key(prefix), events]
-        found = await self._indexed(self._transition("claim", task_id, keys, args), task_id)
+        found = await self._transition("claim", task_id, keys, args, indexed=True)
         detail = orjson.loads(found[1]) if len(found) > 1 and found[1] is not None else None
         if found[0] == CLAIMED:
             return Claim(CLAIMED, detail or 0)
@@ -467,7 +472,7 @@ class RedisStateManager(RedisOperations, StateManager):
         args = [owner or self.worker_id, ttl or 0, names.done_channel(prefix, task_id)]
         args += [orjson.dumps(run) if run is not None else "", "open" if only_open else "", *_fields(data)]
         keys = [state, names.lock_key(prefix, task_id), events]
-        found = await self._indexed(self._transition("finish", task_id, keys, args), task_id)
+        found = await self._transition("finish", task_id, keys, args, indexed=True)
         return found[0] == "written"
 
     async def append_event(self, task_id: str, entry: list, limit: int) -> None:
@@ -535,9 +540,8 @@ class RedisStateManager(RedisOperations, StateManager):
         publish = "status" in data or eventlog is not None  # progress too, live on the dashboard
         args += ["publish" if publish else "", "replace" if eventlog is not None else ""]
         args += [len(pairs) // 2, *pairs, *entries]
-        await self._transition("update", task_id, self._state_keys(task_id, prefix), args)
-        if "status" in data:
-            await self.index(task_id)
+        keys = self._state_keys(task_id, prefix)
+        await self._transition("update", task_id, keys, args, indexed="status" in data)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         if not is_valid_task_id(task_id):

@@ -20,44 +20,71 @@ from guillotina_amqp.state.operations import Operations, Position, after_positio
 
 T = TypeVar("T")
 
-# KEYS: all, the five status sets (names.INDEXED_STATUSES order), times, state.
-# ARGV: task id, now, state ttl, channel.
-# Indexes the status the state holds now, so it can run right after any transition (in the
-# same pipeline); a status already indexed (the times hash remembers which) changes nothing.
-# An entry of `all` keeps its creation time; status sets hold the time of the transition.
-INDEX = """
-if redis.call('TYPE', KEYS[8])['ok'] ~= 'hash' then return 0 end  -- gone, or the original's JSON
-local raw = redis.call('HGET', KEYS[8], 'status')
-if not raw then return 0 end
-local status = cjson.decode(raw)
-local slots = {scheduled = 2, running = 3, finished = 4, errored = 5, canceled = 6}
-local slot = slots[status]
-local previous = redis.call('HGET', KEYS[7], 'status')
-if not slot or previous == status then return 0 end
-local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-if previous and slots[previous] then redis.call('ZREM', KEYS[slots[previous]], ARGV[1]) end
-redis.call('ZADD', KEYS[slot], now, ARGV[1])
-redis.call('EXPIRE', KEYS[slot], 2 * ttl)
-if redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1]) == 1 then
-  -- a state lives state_ttl after its last transition: older entries have no state left
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2 * ttl)
-  redis.call('EXPIRE', KEYS[1], 2 * ttl)
+# index_state(state, base, task id, now, state ttl, channel): KEYS[state] is the task's state,
+# KEYS[base + 1 .. base + 7] are the container's `all` set, the five status sets
+# (names.INDEXED_STATUSES order) and the task's times hash.
+# Indexes the status the state holds now, so it can run at the end of any transition (inside its
+# script: the index changes with the state, atomically); a status already indexed (the times hash
+# remembers which) changes nothing. An entry of `all` keeps its creation time; status sets hold
+# the time of the transition.
+INDEX_FUNCTION = """
+local function index_state(state, base, task_id, now, ttl, channel)
+  if redis.call('TYPE', KEYS[state])['ok'] ~= 'hash' then return 0 end  -- gone, or the original's JSON
+  local raw = redis.call('HGET', KEYS[state], 'status')
+  if not raw then return 0 end
+  local status = cjson.decode(raw)
+  local slots = {scheduled = 2, running = 3, finished = 4, errored = 5, canceled = 6}
+  local slot = slots[status]
+  local times = KEYS[base + 7]
+  local previous = redis.call('HGET', times, 'status')
+  if not slot or previous == status then return 0 end
+  now, ttl = tonumber(now), tonumber(ttl)
+  if previous and slots[previous] then redis.call('ZREM', KEYS[base + slots[previous]], task_id) end
+  redis.call('ZADD', KEYS[base + slot], now, task_id)
+  redis.call('EXPIRE', KEYS[base + slot], 2 * ttl)
+  if redis.call('ZADD', KEYS[base + 1], 'NX', now, task_id) == 1 then
+    -- a state lives state_ttl after its last transition: older entries have no state left
+    redis.call('ZREMRANGEBYSCORE', KEYS[base + 1], '-inf', now - 2 * ttl)
+    redis.call('EXPIRE', KEYS[base + 1], 2 * ttl)
+  end
+  if slot >= 4 then redis.call('ZREMRANGEBYSCORE', KEYS[base + slot], '-inf', now - ttl) end
+  redis.call('HSET', times, 'status', status)
+  redis.call('HSETNX', times, 'created', now)
+  if status == 'scheduled' then
+    redis.call('HDEL', times, 'started', 'ended')
+  elseif status == 'running' then
+    redis.call('HSET', times, 'started', now)
+    redis.call('HDEL', times, 'ended')
+  else
+    redis.call('HSET', times, 'ended', now)
+  end
+  redis.call('EXPIRE', times, 2 * ttl)
+  redis.call('PUBLISH', channel, status)
+  return 1
 end
-if slot >= 4 then redis.call('ZREMRANGEBYSCORE', KEYS[slot], '-inf', now - ttl) end
-redis.call('HSET', KEYS[7], 'status', status)
-redis.call('HSETNX', KEYS[7], 'created', now)
-if status == 'scheduled' then
-  redis.call('HDEL', KEYS[7], 'started', 'ended')
-elseif status == 'running' then
-  redis.call('HSET', KEYS[7], 'started', now)
-  redis.call('HDEL', KEYS[7], 'ended')
-else
-  redis.call('HSET', KEYS[7], 'ended', now)
-end
-redis.call('EXPIRE', KEYS[7], 2 * ttl)
-redis.call('PUBLISH', ARGV[4], status)
-return 1
 """
+
+#: index arguments a transition script takes after its own: task id, now, state ttl, channel
+INDEX_ARGS = 4
+
+# KEYS: all, the five status sets, times, state. ARGV: task id, now, state ttl, channel.
+INDEX = INDEX_FUNCTION + "return index_state(8, 0, unpack(ARGV))"
+
+
+def indexing(script: str, own_keys: int) -> str:
+    """`script` (a transition taking `own_keys` keys, the state first) that also indexes the state
+    it leaves when called with the index keys and INDEX_ARGS arguments after its own. Its own
+    trailing arguments end at LAST, not at #ARGV."""
+    return (
+        INDEX_FUNCTION
+        + f"local LAST = #ARGV\nif #KEYS > {own_keys} then LAST = #ARGV - {INDEX_ARGS} end\n"
+        + "local function transition()\n"
+        + script
+        + "\nend\nlocal result = transition()\n"
+        + f"if #KEYS > {own_keys} then index_state(1, {own_keys}, unpack(ARGV, LAST + 1)) end\n"
+        + "return result\n"
+    )
+
 
 # KEYS: a sorted set. ARGV: max score ('+inf' or a number), id at that score ('' = none), count.
 # Entries strictly after (score, id) in newest-first order; ties are ordered by id, descending.
@@ -98,19 +125,22 @@ class RedisOperations(Operations):
     client: Callable[[], Awaitable[Redis]]
     get: Callable[[str], Awaitable[dict[str, Any]]]
 
-    async def _connected(self) -> None:
-        await self.client()
-
     async def index(self, task_id: str) -> None:
+        keys, args = self._index_parts(task_id)
+        if keys:
+            await self._run("index", [*keys, names.state_key(self.prefix, task_id)], args)
+
+    def _index_parts(self, task_id: str) -> tuple[list[str], list[Any]]:
+        """The keys and arguments indexing `task_id` takes (see INDEX_FUNCTION); none outside a
+        container."""
         container = names.container_of(task_id)
         if container is None:
-            return
+            return [], []
         prefix = self.prefix
         keys = [names.index_key(prefix, container)]
         keys += [names.index_key(prefix, container, s) for s in names.INDEXED_STATUSES]
-        keys += [names.times_key(prefix, task_id), names.state_key(prefix, task_id)]
-        args = [task_id, time.time(), self.state_ttl, names.done_channel(prefix, task_id)]
-        await self._run("index", keys, args)
+        keys.append(names.times_key(prefix, task_id))
+        return keys, [task_id, time.time(), self.state_ttl, names.done_channel(prefix, task_id)]
 
     async def index_page(
         self, container: str, status: str | None, after: Position | None, count: int
