@@ -105,7 +105,7 @@ async def _swallowing_once(swallowed: list[int]) -> None:
     when the cancel arrives just as the call it waits for completes."""
     while True:
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             if swallowed:
                 raise
