@@ -16,7 +16,7 @@ export RABBITMQ REDIS POSTGRESQL
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: venv install services test test-ha run lint format typecheck bench clean
+.PHONY: venv install services test test-upstream test-ha run lint format typecheck bench clean
 
 # Bytecode written even where PYTHONDONTWRITEBYTECODE is set (this VM, most containers): else
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
@@ -38,6 +38,10 @@ services:
 
 test: install services
 	$(BIN)/pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+
+# The original plugin's own test suite, from ../shared/upstream-tests (scripts/test-upstream.sh)
+test-upstream: install services
+	bash scripts/test-upstream.sh $(PYTEST_ARGS)
 
 # SPEC §14 on real engines: a 3-node RabbitMQ cluster and Redis with Sentinels, started on
 # their own ports for the run and stopped after it (scripts/test-ha.sh; a few minutes).

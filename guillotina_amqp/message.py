@@ -117,11 +117,19 @@ def request_data(
         "url": public_url(str(request.url)),
         "method": request.method,
         "headers": public_headers(request.headers),
-        # Request iterates its keys but has no keys(): dict(request) would raise
-        "annotations": _json_safe({key: request[key] for key in request}),
+        "annotations": _json_safe(annotations_of(request)),
         "container_url": get_object_url(container, request) if container is not None else None,
         "user": user_data(user),
     }
+
+
+def annotations_of(request: IRequest) -> dict[str, Any]:
+    """What a request carries for the code it reaches: its items, and the dict an application
+    of the original plugin's time set as `request.annotations`."""
+    # Request iterates its keys but has no keys(): dict(request) would raise
+    annotations = {key: request[key] for key in request}
+    legacy = getattr(request, "annotations", None)
+    return {**annotations, **legacy} if isinstance(legacy, dict) else annotations
 
 
 def is_root(req_data: dict) -> bool:

@@ -25,7 +25,8 @@ OBJECT_TASK_WRAPPERS = frozenset(
 def task_name(func: str, args: list | tuple) -> str:
     """A task's function as logs, metrics and events name it (object tasks by their callable)."""
     if func in OBJECT_TASK_WRAPPERS and args:
-        return f"run_object_task/{args[0]}"
+        # "run_object_task/app.f" or "yield_object_task/app.f", as the original named them
+        return f"{func.rpartition('.')[2].lstrip('_')}/{args[0]}"
     return func
 
 

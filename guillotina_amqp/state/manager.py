@@ -150,6 +150,13 @@ class StateManager(Operations, abc.ABC):
     async def finalize(self) -> None:
         """Drop connections and background listeners."""
 
+    async def _clean(self) -> None:
+        """Forget every task, lock, cancellation and index entry under this manager's prefix.
+
+        For tests (the original plugin's suites call it between cases); never for production.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be cleaned")
+
     async def adopt_legacy(self) -> None:
         """Take over (and index) every state the original plugin left; a no-op where there is none."""
 
