@@ -196,7 +196,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
     async def release_period(self, name: str, period: int) -> None:
         self._periods.pop(f"{name}:{period}", None)
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
         if ttl is None and self._states.live(task_id) is None:

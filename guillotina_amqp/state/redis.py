@@ -526,7 +526,7 @@ class RedisStateManager(RedisOperations, StateManager):
             await self._client.aclose()  # ours, not guillotina's: made for the Sentinels
             self._client = None
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
         fields = dict(data)
