@@ -43,7 +43,8 @@ test: install services
 test-upstream: install services
 	bash scripts/test-upstream.sh $(PYTEST_ARGS)
 
-# SPEC §14 on real engines: a 3-node RabbitMQ cluster and Redis with Sentinels, started on
+# The production topology (docs/operations.md) on real engines: a 3-node RabbitMQ cluster and
+# Redis with Sentinels, started on
 # their own ports for the run and stopped after it (scripts/test-ha.sh; a few minutes).
 test-ha: install
 	bash scripts/test-ha.sh $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The Guillotina context a task runs in: rebuilt request, db, container, user (SPEC §4.6).
+"""The context a task runs in: rebuilt request, db, container, user (docs/design.md#running-a-task).
 
 Guillotina's objects are typed here by class or as Any: mypy reads the methods of a zope
 interface (IDatabase, IRegistry...) as if they lacked `self`, so interfaces cannot type them.

@@ -50,7 +50,7 @@ class Outcome(enum.Enum):
     ERRORED = "errored"
     CANCELED = "canceled"
     INTERRUPTED = "interrupted"  # worker shutting down: leave the message for redelivery
-    # the task steered its message by raising (SPEC §11)
+    # the task steered its message by raising (docs/tasks.md#steering-the-message-from-inside-a-task)
     RETRY = "retry"
     REJECTED = "rejected"
     DISCARDED = "discarded"

@@ -1,4 +1,4 @@
-"""Liveness of a worker process (SPEC §6): beacons, activity check, loop watchdog.
+"""Liveness of a worker process (docs/design.md#liveness): beacons, activity check, loop watchdog.
 
 A worker that is alive but useless (its connection stuck, its consumer no
 longer receiving, its event loop hogged by a task) must exit non-zero so its
@@ -6,7 +6,7 @@ supervisor restarts it. Each check here reports such a failure through a
 callback, `on_failure(exit_code, reason)`; only the loop watchdog kills the
 process itself, because a blocked loop cannot run any callback.
 
-The exit codes of `g amqp-worker` are defined here, in one place (README: Operations).
+The exit codes of `g amqp-worker` are defined here, in one place (docs/operations.md#exit-codes).
 """
 
 import asyncio

@@ -1,7 +1,7 @@
 """Queue names, queue arguments and state keys, derived in one place.
 
 RabbitMQ refuses to re-declare a queue with other arguments (PRECONDITION_FAILED),
-so the arguments here are exactly those of SPEC §3 and never change; quorum queues
+so the arguments here are exactly the original's and never change; quorum queues
 (`amqp.queue_type: quorum`) add theirs under names of their own (settings.QUORUM_SUFFIX).
 """
 
@@ -38,7 +38,7 @@ def error_queue(queue: str) -> str:
     return f"{queue}-error"
 
 
-#: Delay tiers (SPEC §11): fixed-TTL queues of 100 ms * 2^(k/4), each about 19% longer than the
+#: Delay tiers (docs/design.md#queues): fixed-TTL queues of 100 ms * 2^(k/4), each about 19% longer than the
 #: one before, up to about 19 days. A per-message TTL only expires at a queue's head, so a
 #: delay needs a queue whose every message waits as long; the original's queues stay as they are.
 DELAY_TIERS_MS = tuple(math.ceil(100 * 2 ** (k / 4)) for k in range(97))
@@ -79,7 +79,7 @@ def delay_tier(
     }
 
 
-#: Priorities (SPEC §12): tasks given one wait in `<queue>-priority`, declared with
+#: Priorities (docs/tasks.md#priorities): tasks given one wait in `<queue>-priority`, declared with
 #: x-max-priority (the original's queues keep their arguments), 0 lowest, 9 highest.
 PRIORITY_SUFFIX = "-priority"
 MAX_PRIORITY = 9
@@ -120,7 +120,7 @@ def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict
 
 
 def _quorum_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Replicated queues (SPEC §14). A queue that dead-letters does so at-least-once: a
+    """Replicated queues (docs/operations.md). A queue that dead-letters does so at-least-once: a
     message leaves only once the target queue confirmed its copy (RabbitMQ 3.10+ accepts
     that strategy only with reject-publish overflow)."""
     if "x-dead-letter-exchange" not in arguments:
@@ -240,7 +240,7 @@ def done_channel(prefix: str, task_id: str) -> str:
     return f"{prefix}changed:{task_id}"
 
 
-# Operations bookkeeping (SPEC §13) lives under `<prefix>meta:`, a word no task id can start with.
+# Operations bookkeeping (docs/design.md#keys) lives under `<prefix>meta:`, a word no task id starts with.
 META = "meta:"
 #: task states a container's index keeps a sorted set for
 INDEXED_STATUSES = ("scheduled", "running", "finished", "errored", "canceled")

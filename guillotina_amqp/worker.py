@@ -118,7 +118,7 @@ class Delivery(NamedTuple):
 
 
 class Worker(OriginalWorkerNames):
-    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once (SPEC §4)."""
+    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once."""
 
     def __init__(
         self,
@@ -159,7 +159,7 @@ class Worker(OriginalWorkerNames):
         self._idle.set()
         self._stopping = False
         self._consumer_cancelled = asyncio.Event()
-        # liveness (SPEC §6): a failed check sets exit_code and `failed`; the command exits
+        # liveness (docs/design.md#liveness): a failed check sets exit_code and `failed`; the command exits
         self.exit_code: int | None = None
         self.failed = asyncio.Event()
         self.beacon: liveness.Beacon | None = None
@@ -176,8 +176,8 @@ class Worker(OriginalWorkerNames):
         self._activity_task: asyncio.Task | None = None
         self.probes_forwarded = 0
         self.presence = Presence(self)
-        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks (SPEC §12)
-        # recycling and load (SPEC §12): consume only while the gate is open
+        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks
+        # recycling and load (docs/operations.md): consume only while the gate is open
         self.quota = recycling.Quota(max_tasks)
         self.gate = recycling.Gate()
         self.load_watch = None

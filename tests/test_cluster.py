@@ -1,4 +1,4 @@
-"""Beyond one machine (SPEC §14) on the machine's own RabbitMQ: quorum queues, `amqp.hosts`.
+"""Beyond one machine (docs/operations.md) on the machine's own RabbitMQ: quorum queues, `amqp.hosts`.
 
 The cluster itself (a node killed while tasks run, a Redis failover) is in tests_ha/,
 run by `make test-ha`.
@@ -58,7 +58,7 @@ async def _counts_are(expected: list[int]) -> bool:
 
 
 async def test_classic_and_quorum_queues_coexist_while_migrating(guillotina_main):
-    """The migration of the README: quorum workers and publishers start on their own queues
+    """The migration of docs/operations.md: quorum workers and publishers start on their own queues
     while classic workers drain the old ones; neither declaration refuses the other."""
     waiting = await add_task(app.add, 1, 1)  # scheduled before the switch, no worker yet
 

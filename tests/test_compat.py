@@ -1,4 +1,4 @@
-"""The names the original plugin's users import (SPEC §10), used as those users use them.
+"""The names the original plugin's users import (docs/migrating.md), used as those users use them.
 
 Each test imports from the original's module paths, not from where our code lives.
 """

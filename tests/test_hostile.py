@@ -156,7 +156,7 @@ async def test_a_signed_message_replayed_as_a_probe_does_not_spoil_a_finished_ta
     assert await TaskState(task_id).get_state() == final
 
 
-# -- 5. the README's promises ------------------------------------------------------------------
+# -- 5. the promises of docs/security.md -------------------------------------------------------
 
 
 async def test_credentials_in_the_query_string_are_never_published(container_requester, worker):

@@ -1,4 +1,4 @@
-"""Task locks: one run at a time, refreshed while running, never a reason to drop a task (SPEC §4)."""
+"""Task locks: one run at a time, refreshed while running, never a reason to drop a task (docs/design.md)."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (SPEC §15)."""
+"""Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (docs/tasks.md#named-queues)."""
 
 import pytest
 

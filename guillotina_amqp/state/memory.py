@@ -157,7 +157,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
     async def release_period(self, name: str, period: int) -> None:
         self._space.periods.pop(f"{name}:{period}", None)
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
         if ttl is None and self._space.states.live(task_id) is None:

@@ -534,7 +534,7 @@ class RedisStateManager(RedisOperations, StateManager):
         for start in range(0, len(keys), 1000):
             await client.delete(*keys[start : start + 1000])
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
         fields = dict(data)
