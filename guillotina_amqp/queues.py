@@ -7,6 +7,7 @@ copy, so stopping half way loses nothing (at worst one message is in both queues
 """
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -23,6 +24,8 @@ from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import AMQPSettings
 from guillotina_amqp.state.manager import get_state_manager, is_valid_task_id
 from guillotina_amqp.state.status import TaskStatus
+
+logger = logging.getLogger("guillotina_amqp")
 
 #: headers a requeued copy goes without: the broker's dead-lettering record (it starts clean).
 #: The signature stays: a dead letter is never signed again, only passed on as it was signed.
@@ -143,6 +146,8 @@ async def requeue(
                 continue
             problem = refusal(letter, settings)
             if problem is not None:
+                # %r: the id is the message's own text, whatever it holds
+                logger.warning("Dead letter of task %r not requeued: %s", described["task_id"], problem)
                 done.refused.append((letter, problem))
                 continue
             headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
