@@ -27,7 +27,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus, get_state_manager
 from tests import app
-from tests.subprocess_worker import worker_config
+from tests.subprocess_worker import WorkerProcess, worker_config
 from tests.test_dashboard import CORS, PORT
 from tests.test_http_tasks import serving
 from tests.test_operations import amqp_tasks, reasons
@@ -407,6 +407,16 @@ async def test_the_command_escapes_control_characters_from_messages(guillotina_m
     # a traceback keeps its lines, each below its field: none passes for a field of its own
     [error_line] = [i for i, line in enumerate(outputs[1].splitlines()) if line.startswith("error ")]
     assert outputs[1].splitlines()[error_line + 1].startswith(" ")
+
+
+async def test_the_worker_escapes_control_characters_in_its_log(guillotina_main):
+    async with WorkerProcess(worker_config()) as process:
+        await process.wait_consuming()
+        await publish_raw(orjson.dumps({**task_message("tests.app.noop"), f"bad{HOSTILE}": 1}))
+        await wait_for(lambda: "unknown fields" in process.output, what="the refusal in the log")
+        await wait_for(lambda: _error_count_is(1), what="the refused message in the error queue")
+    assert not any(char in process.output for char in "\x1b\x07\x9b\u202e")
+    assert "unknown fields bad\\x1b]0;owned\\x07" in process.output
 
 
 def shipped_environment(database: str) -> dict[str, str]:

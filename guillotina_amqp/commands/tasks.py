@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-import unicodedata
 from typing import Any
 
 from guillotina.commands import Command
@@ -20,6 +19,7 @@ from guillotina_amqp.exceptions import TaskNotFoundException
 from guillotina_amqp.retry import RetryRefused, retry_task
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, get_state_manager
+from guillotina_amqp.terminal import terminal_safe
 
 TASK_COLUMNS = ("task_id", "status", "function", "age", "duration", "retries", "progress")
 #: states read per round trip when listing without --container (a scan of every state)
@@ -236,23 +236,6 @@ def _cell(column: str, value: Any) -> str:
     if column in ("age", "duration"):
         return _seconds(value)
     return "-" if value is None else terminal_safe(str(value))
-
-
-#: Unicode categories a terminal acts on instead of showing: C0/C1 controls (ESC starts the
-#: sequences that recolour, retitle or clear a terminal), format characters (bidi overrides
-#: reorder what is shown), line and paragraph separators
-UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
-
-
-def terminal_safe(text: str) -> str:
-    """`text` with every character a terminal would act on written as its escape (\\x1b, \\n,
-    \\u202e): ids, function names and reasons come from messages anyone may have published."""
-    return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in UNSAFE_CATEGORIES
-        else char
-        for char in text
-    )
 
 
 def _print(text: str, file: Any = None) -> None:
