@@ -7,6 +7,7 @@ ordered, and the order is taken from the store, never from the scheduling host: 
 run is the store's own time in nanoseconds (Redis TIME; the process clock for the memory
 store), or one more than the latest run of the id if that is later — so a store whose clock
 stepped back still orders the runs of an id. API hosts whose clocks differ do not matter.
+An id add_task generated itself has no earlier run: its first run is the lowest (first_run).
 
 A run is "<20 digits>-<8 hex digits>" (the hex part tells apart runs made in the same
 nanosecond), compared as text. A run the store's clock could not have made yet (more than
@@ -43,6 +44,12 @@ def next_run(now_ns: int, current: str) -> str:
     """A run after `current` (the id's latest stored run, "" if none), by the store's clock `now_ns`."""
     value = max(now_ns, sequence(current, now_ns) + 1)
     return f"{value:0{_DIGITS}d}-{secrets.token_hex(4)}"
+
+
+def first_run() -> str:
+    """The run of a task id nobody used before (one add_task generated): no run precedes it, so
+    it is the lowest one, made without asking the store; any later run of the id follows it."""
+    return f"{0:0{_DIGITS}d}-{secrets.token_hex(4)}"
 
 
 def from_the_future(run: str, now_ns: int) -> bool:

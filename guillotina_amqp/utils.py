@@ -26,6 +26,7 @@ from guillotina_amqp import (
     offload,
     registry,
     replay,
+    runs,
     settings,
     timing,
 )
@@ -146,7 +147,8 @@ async def add_task(
     queue = task_queue(_queue, config)
     _check_priority(config, options.get("priority"))
     manager = get_state_manager()
-    run = await manager.next_run(task_id)
+    # an id of our own making has no earlier run to follow: no round trip to the store
+    run = runs.first_run() if _task_id is None else await manager.next_run(task_id)
     message = {
         **options,
         "func": _dotted_name(func),
