@@ -22,6 +22,7 @@ BENCH_ARGS  ?=
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
 venv install: $(STAMP)
 	@$(BIN)/python -m compileall -q guillotina_amqp
+	@$(BIN)/python scripts/venv-paths.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -43,6 +43,8 @@ class HTTPTasksSettings:
     #: secret name -> header value, for headers a task names with `secret_headers=`; the values
     #: live in the workers' configuration only, never in messages, states or logs
     secrets: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
+    #: bytes an answer's body may have: it is stored as the task's result (larger: errored)
+    max_body_bytes: int = 1048576
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class AMQPSettings:
     allowed_tasks: tuple[str, ...] | None = None
     signing_key: str | None = field(default=None, repr=False, metadata={NON_EMPTY: True})
     previous_signing_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: seconds a signed message stays valid after it was issued, on top of the waits it asked
+    #: for itself (its countdown, its retries); None: state_ttl. Older: a replay, refused
+    replay_window: int | None = None
     # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000

@@ -25,6 +25,8 @@ from guillotina_amqp import (
     names,
     offload,
     registry,
+    replay,
+    runs,
     settings,
     timing,
 )
@@ -144,7 +146,9 @@ async def add_task(
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
     queue = task_queue(_queue, config)
     _check_priority(config, options.get("priority"))
-    run = messages.new_run()
+    manager = get_state_manager()
+    # an id of our own making has no earlier run to follow: no round trip to the store
+    run = runs.first_run() if _task_id is None else await manager.next_run(task_id)
     message = {
         **options,
         "func": _dotted_name(func),
@@ -158,12 +162,12 @@ async def add_task(
     }
     if queue != config.queue:
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
-    body = messages.encode(message, config)
+    body = messages.encode(replay.stamp(message, config), config)
     if not config.eager:
         await _publish(body, config, queue, timing.wait_ms(eta), _retries, options.get("priority"))
     waiting = {"eta": eta} if eta is not None else {}
     # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
-    await get_state_manager().create(task_id, initial_state(run) | waiting | {"job_data": message})
+    await manager.create(task_id, initial_state(run) | waiting | {"job_data": message})
     await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
     if config.eager:
         await eager.run(body, config)

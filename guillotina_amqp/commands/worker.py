@@ -25,6 +25,7 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
 from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
 from guillotina_amqp.state import redis_client
+from guillotina_amqp.terminal import escape_log_output
 from guillotina_amqp.worker import Worker
 
 logger = logging.getLogger("guillotina_amqp")
@@ -102,6 +103,8 @@ class WorkerCommand(Command):
         return super().make_app({**settings, "root_user": root_user})
 
     async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
+        # the worker logs what messages say (ids, functions, refusal reasons) to a terminal
+        escape_log_output()
         try:
             if arguments.metrics_server:
                 _serve_metrics(metrics_port(arguments.port))
