@@ -34,12 +34,14 @@ STALE = "stale"  # the message is of an earlier run than the state's
 class Claim:
     """What claiming a delivered task found: one of CLAIMED, CANCELED, DONE, LOCKED, STALE.
 
-    `status` is the ended run's status for DONE.
+    `status` is the ended run's status for DONE; `crashes` how often, for CLAIMED, a worker
+    running the task died before it ended (this claim's discovery included).
     """
 
     outcome: str
     job_retries: int = 0
     status: str | None = None
+    crashes: int = 0
 
 
 def initial_state(run: str = "") -> dict[str, Any]:

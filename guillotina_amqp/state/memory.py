@@ -107,9 +107,13 @@ class MemoryStateManager(MemoryOperations, StateManager):
             return Claim(CANCELED)
         self._space.locks.put(task_id, owner or self.worker_id, lock_ttl)
         running = {"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()}
+        # still running, yet nobody holds its lock: the worker that ran it died (or lost its lock)
+        crashes = (state.get("crashes") or 0) + (state.get("status") == TaskStatus.RUNNING)
+        if crashes:
+            running["crashes"] = crashes
         state = self._merge(task_id, running, None)
         self._space.states.persist(task_id)  # a live state never expires
-        return Claim(CLAIMED, state.get("job_retries") or 0)
+        return Claim(CLAIMED, state.get("job_retries") or 0, crashes=crashes)
 
     async def finish(
         self,

@@ -145,12 +145,17 @@ if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   return {'canceled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
+-- still running, yet nobody holds its lock: the worker that ran it died (or lost its lock)
+local crashes = redis.call('HGET', KEYS[1], 'crashes') or '0'
+if redis.call('HGET', KEYS[1], 'status') == '"running"' then
+  crashes = tostring(redis.call('HINCRBY', KEYS[1], 'crashes', 1))
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n, LAST))
 -- a live state never expires: it gets its state_ttl when the task ends
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[4])
 redis.call('PUBLISH', ARGV[5], 'running')
-return {'claimed', redis.call('HGET', KEYS[1], 'job_retries') or '0'}
+return {'claimed', redis.call('HGET', KEYS[1], 'job_retries') or '0', crashes}
 """
 )
 
@@ -493,7 +498,7 @@ class RedisStateManager(RedisOperations, StateManager):
             raise RunFromTheFuture(task_id, run)
         detail = orjson.loads(found[1]) if len(found) > 1 and found[1] is not None else None
         if found[0] == CLAIMED:
-            return Claim(CLAIMED, detail or 0)
+            return Claim(CLAIMED, detail or 0, crashes=int(found[2]))
         return Claim(found[0], status=detail)
 
     async def finish(
