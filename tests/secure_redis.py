@@ -2,7 +2,8 @@
 
 Loaded as a pytest plugin (conftest). Each server is started by the first test that asks for
 its fixture and stopped at the end of the session (or with the test process: PDEATHSIG).
-Ports 6395 (password, and an ACL user) and 6396 (TLS, a password and a client certificate).
+Their ports are the first two free ones of 6393-6399 (6391 and 6392 are the HA tests'), so
+that two test runs on one machine each get theirs.
 """
 
 import contextlib
@@ -18,8 +19,26 @@ from typing import Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTH_PORT = 6395
-TLS_PORT = 6396
+#: the ports these servers may take (the range the project keeps for them)
+PORTS = range(6393, 6400)
+
+
+def _free_ports(count: int) -> list[int]:
+    free = []
+    for port in PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        free.append(port)
+        if len(free) == count:
+            return free
+    raise RuntimeError(f"no {count} free ports in {PORTS.start}-{PORTS.stop - 1} for the test Redis servers")
+
+
+#: password and ACL user; TLS only, with a password and a client certificate
+AUTH_PORT, TLS_PORT = _free_ports(2)
 #: random per run, so a test can look for them anywhere they must not be
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 USERNAME = "tasks"

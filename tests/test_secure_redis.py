@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from guillotina import app_settings
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError
 
 from guillotina_amqp import names
-from guillotina_amqp.state import TaskState, TaskStatus
+from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
 from tests.secure_redis import (
     AUTH_PORT,
     CERTS,
@@ -27,6 +28,7 @@ from tests.secure_redis import (
 from tests.subprocess_worker import WorkerProcess, worker_config
 from tests.test_operations import amqp_tasks, call
 from tests.test_settings_errors import assert_one_clear_line, failed_start
+from tests.utils import logged, wait_for
 
 AUTH_BLOCKS = {
     "password-and-db": redis_block(AUTH_PORT, password=PASSWORD, db=2),
@@ -160,3 +162,16 @@ async def test_no_secret_in_logs_rest_command_or_state(pg_database, tls_redis, c
     assert all(code == 0 for code, _, _ in command), command
     outputs = [out + err for _, out, err in command]
     assert_no_secret(worker.output, states, workers, listing, shown, str(page), *outputs)
+
+
+@pytest.mark.app_settings({"redis": redis_block(AUTH_PORT, password="wrong-pw-secret")})
+async def test_a_refused_password_fails_calls_at_once_and_stops_the_listener(
+    auth_redis, guillotina_main, caplog
+):
+    manager = get_state_manager()
+    with pytest.raises(AuthenticationError):
+        await manager.get("task-never-made")
+    async with manager.watch("t"):
+        await wait_for(lambda: logged(caplog, "Task state listener", "refused the credentials"), 60)
+    assert not logged(caplog, "resubscribing"), "refused credentials are not retried"
+    assert "wrong-pw-secret" not in caplog.text

@@ -301,10 +301,14 @@ class _Notifier:
                     await self._dispatch(pubsub)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # wake everyone so they re-read the state, then resubscribe
                 self.ready.clear()
                 self._wake_all()
+                if redis_client.is_auth_error(exc):
+                    # refused credentials stay refused: stop here (the next watch() starts anew)
+                    logger.error("Task state listener: %s", redis_client.describe_failure(exc))
+                    return
                 logger.warning("Task state listener lost its Redis connection; resubscribing")
                 await asyncio.sleep(0.5)
 
