@@ -7,11 +7,13 @@
 Optional (`pip install guillotina_amqp[otel]`), and free when unused: OpenTelemetry is never
 imported here. Tracing is on once the application has imported OpenTelemetry's API and set a
 tracer provider (the SDK's, or an auto-instrumentation's); until then every hook returns at
-once, after one dictionary lookup.
+once. The provider is looked up at most once a second (OpenTelemetry's lookup reads the
+environment: a few microseconds a task); `refresh()` makes a provider just set count at once.
 """
 
 import contextlib
 import sys
+import time
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
 
 if TYPE_CHECKING:
@@ -27,7 +29,15 @@ TASK_ID, FUNCTION, RUN, RETRIES, STATUS = (
 _FAILED = frozenset({"errored", "failed"})
 #: what a hook returns while tracing is off: no span, no headers
 _OFF: ContextManager[Any] = contextlib.nullcontext()
-_tracers: dict[int, Any] = {}
+#: seconds a provider lookup is trusted
+RECHECK_AFTER = 1.0
+#: [the tracer (None: tracing off), the provider it came from, when to look again (monotonic)]
+_current: list[Any] = [None, None, 0.0]
+
+
+def refresh() -> None:
+    """Look up the tracer provider again at the next hook (call it after setting one)."""
+    _current[2] = 0.0
 
 
 def _tracer() -> Any:
@@ -35,13 +45,16 @@ def _tracer() -> Any:
     trace = sys.modules.get("opentelemetry.trace")
     if trace is None:
         return None  # OpenTelemetry was never imported: nobody can have configured it
+    tracer, known, recheck_at = _current
+    now = time.monotonic()
+    if now < recheck_at:
+        return tracer
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider):
-        return None  # imported, but no provider set: its spans would be dropped anyway
-    tracer = _tracers.get(id(provider))
-    if tracer is None:
-        _tracers.clear()  # one provider per process; a test may swap it
-        tracer = _tracers[id(provider)] = provider.get_tracer(TRACER_NAME)
+        tracer = None  # imported, but no provider set: its spans would be dropped anyway
+    elif provider is not known or tracer is None:
+        tracer = provider.get_tracer(TRACER_NAME)
+    _current[:] = [tracer, provider, now + RECHECK_AFTER]
     return tracer
 
 

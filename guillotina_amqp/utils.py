@@ -170,7 +170,7 @@ async def add_task(
         await get_state_manager().create(task_id, initial_state(run) | waiting | {"job_data": message})
     await events.notify(events.TaskScheduledEvent(task_id, dotted_name))
     if config.eager:
-        await eager.run(body, config)
+        await eager.run(body, config, trace_headers)  # its run span a child of the publish span
     return TaskState(task_id)
 
 

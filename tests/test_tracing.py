@@ -5,6 +5,7 @@ Spans are collected by the SDK's in-memory exporter; the worker runs in the test
 
 import subprocess
 import sys
+from typing import Iterator
 
 import pytest
 from opentelemetry import trace
@@ -20,14 +21,17 @@ from tests.utils import running_worker, wait_for
 
 
 @pytest.fixture
-def spans(monkeypatch) -> InMemorySpanExporter:
+def spans(monkeypatch) -> Iterator[InMemorySpanExporter]:
     """Finished spans of this test. OpenTelemetry lets a process set its provider once: the
     test's provider stands in for the global one for this test only."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    return exporter
+    tracing.refresh()
+    yield exporter
+    monkeypatch.undo()
+    tracing.refresh()
 
 
 async def finished(spans: InMemorySpanExporter, *names: str) -> dict:
@@ -60,6 +64,14 @@ async def test_one_trace_holds_the_request_the_publish_and_the_run(spans, worker
     assert run.status.status_code is StatusCode.UNSET
 
 
+@pytest.mark.app_settings({"amqp": {"eager": True, "port": 1}})
+async def test_an_eager_run_is_traced_as_a_child_of_its_publish(spans, guillotina_main):
+    state = await add_task(app.add, 1, 2)
+    assert (await state.join(timeout=30))["status"] == TaskStatus.FINISHED
+    found = await finished(spans, "publish", "run")
+    assert found["run"].parent.span_id == found["publish"].context.span_id
+
+
 async def test_a_failed_run_records_its_error_and_each_retry_is_a_child_of_the_publish(
     spans, guillotina_main
 ):
@@ -84,9 +96,25 @@ async def test_a_failed_run_records_its_error_and_each_retry_is_a_child_of_the_p
 
 async def test_no_span_and_no_trace_header_without_a_tracer_provider(guillotina_main):
     # OpenTelemetry is imported (by this module) but no provider is set: nothing is traced
+    tracing.refresh()
     with tracing.publish_span("id", "f", "run") as headers:
         assert headers is None
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+async def test_a_provider_set_later_is_used_within_a_second(monkeypatch, guillotina_main):
+    tracing.refresh()
+    with tracing.publish_span("id", "f", "run") as headers:
+        assert headers is None  # no provider yet: looked up, and trusted for a second
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", TracerProvider())
+
+    def traced() -> bool:
+        with tracing.publish_span("id", "f", "run") as headers:
+            return bool(headers and "traceparent" in headers)
+
+    await wait_for(traced, 10, "the provider set meanwhile")
+    monkeypatch.undo()
+    tracing.refresh()
 
 
 NO_OPENTELEMETRY = """
