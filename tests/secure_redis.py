@@ -37,8 +37,10 @@ def _free_ports(count: int) -> list[int]:
     raise RuntimeError(f"no {count} free ports in {PORTS.start}-{PORTS.stop - 1} for the test Redis servers")
 
 
-#: password and ACL user; TLS only, with a password and a client certificate
-AUTH_PORT, TLS_PORT = _free_ports(2)
+#: password and ACL user; TLS only, with a password and a client certificate; a master that
+#: wants the password, and the Sentinel that watches it
+AUTH_PORT, TLS_PORT, SENTINEL_MASTER_PORT, SENTINEL_PORT = _free_ports(4)
+SENTINEL_MASTER = "secure-master"
 #: random per run, so a test can look for them anywhere they must not be
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 USERNAME = "tasks"
@@ -70,11 +72,11 @@ def _port_answers(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def _server(port: int, directory: Path, *args: str) -> Iterator[subprocess.Popen]:
+def _server(port: int, directory: Path, *args: str, config: Path | None = None) -> Iterator[subprocess.Popen]:
     assert not _port_answers(port), f"port {port} is taken: another redis-server of the tests still runs?"
     directory.mkdir(parents=True, exist_ok=True)
-    command = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--dir", str(directory), *args]
+    command = ["redis-server", *([str(config)] if config else [])]
+    command += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory), *args]
     with open(directory / "server.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
@@ -127,3 +129,20 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory, certificates: Path) -> I
     ports = ["--port", "0", "--tls-port", str(TLS_PORT)]
     with _server(TLS_PORT, tmp_path_factory.mktemp("tls-redis"), *ports, *tls, "--requirepass", PASSWORD):
         yield TLS_PORT
+
+
+@pytest.fixture(scope="session")
+def sentinel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A master that wants PASSWORD, watched as SENTINEL_MASTER by one Sentinel (its port)."""
+    directory = tmp_path_factory.mktemp("sentinel-redis")
+    master = ["--port", str(SENTINEL_MASTER_PORT), "--requirepass", PASSWORD]
+    # Sentinel rewrites its file with what it learns: one of its own
+    config = directory / "sentinel.conf"
+    config.write_text(
+        f"port {SENTINEL_PORT}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {SENTINEL_MASTER_PORT} 1\n"
+        f"sentinel auth-pass {SENTINEL_MASTER} {PASSWORD}\n"
+    )
+    with _server(SENTINEL_MASTER_PORT, directory / "master", *master):
+        with _server(SENTINEL_PORT, directory / "sentinel", "--sentinel", config=config):
+            yield SENTINEL_PORT

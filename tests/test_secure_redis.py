@@ -13,12 +13,16 @@ from guillotina import app_settings
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 
-from guillotina_amqp import names
+from guillotina_amqp import add_task, names
 from guillotina_amqp.state import TaskState, TaskStatus, get_state_manager
+from tests import app
 from tests.secure_redis import (
     AUTH_PORT,
     CERTS,
     PASSWORD,
+    SENTINEL_MASTER,
+    SENTINEL_MASTER_PORT,
+    SENTINEL_PORT,
     TLS_PORT,
     USER_PASSWORD,
     USERNAME,
@@ -175,3 +179,23 @@ async def test_a_refused_password_fails_calls_at_once_and_stops_the_listener(
         await wait_for(lambda: logged(caplog, "Task state listener", "refused the credentials"), 60)
     assert not logged(caplog, "resubscribing"), "refused credentials are not retried"
     assert "wrong-pw-secret" not in caplog.text
+
+
+SENTINEL_BLOCK = {
+    "sentinels": [f"127.0.0.1:{SENTINEL_PORT}"],
+    "master_name": SENTINEL_MASTER,
+    "password": PASSWORD,
+}
+
+
+@pytest.mark.app_settings({"redis": SENTINEL_BLOCK})
+async def test_the_sentinel_path_logs_in_to_the_master_it_names(sentinel_redis, worker, outside_container):
+    # the state scripts' pipe, the listener behind join() and redis-py's client: all on the master
+    state = await add_task(app.add, 2, 2)
+    final = await state.join(timeout=JOIN_TIMEOUT)
+    assert final["status"] == TaskStatus.FINISHED and final["result"] == 4
+    client = Redis(port=SENTINEL_MASTER_PORT, password=PASSWORD)
+    try:
+        assert await client.exists(names.state_key(app_settings["redis_prefix_key"], state.task_id))
+    finally:
+        await client.aclose()
