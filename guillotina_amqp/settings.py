@@ -1,4 +1,4 @@
-"""The `amqp` settings block (SPEC §2), and the `redis` block as the state store reads it, each
+"""The `amqp` settings block, and the `redis` block as the state store reads it, each
 read as one typed, checked object.
 
 `AMQPSettings` declares every setting once: name, type and default. `DEFAULTS`
@@ -153,7 +153,7 @@ class RedisSettings:
     ssl_keyfile: str | None = None
     #: "required" (certificate and host name checked), "optional" or "none"
     ssl_cert_reqs: str = "required"
-    # Redis Sentinel (SPEC §14): "host:port" of each Sentinel, and the master they watch
+    # Redis Sentinel: "host:port" of each Sentinel, and the master they watch
     sentinels: tuple[str, ...] = ()
     master_name: str = "mymaster"
 
