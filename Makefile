@@ -16,7 +16,7 @@ export RABBITMQ REDIS POSTGRESQL
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: venv install services test test-ha test-tls run lint format typecheck bench clean
+.PHONY: venv install services test test-upstream test-ha test-tls run lint format typecheck bench clean
 
 # Bytecode written even where PYTHONDONTWRITEBYTECODE is set (this VM, most containers): else
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
@@ -39,7 +39,12 @@ services:
 test: install services
 	$(BIN)/pytest -p no:cacheprovider tests $(PYTEST_ARGS)
 
-# SPEC §14 on real engines: a 3-node RabbitMQ cluster and Redis with Sentinels, started on
+# The original plugin's own test suite, from ../shared/upstream-tests (scripts/test-upstream.sh)
+test-upstream: install services
+	bash scripts/test-upstream.sh $(PYTEST_ARGS)
+
+# The production topology (docs/operations.md) on real engines: a 3-node RabbitMQ cluster and
+# Redis with Sentinels, started on
 # their own ports for the run and stopped after it (scripts/test-ha.sh; a few minutes).
 test-ha: install
 	bash scripts/test-ha.sh $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""A page of a container's tasks among a million other states (SPEC §13; goal: 50 tasks in <= 10 ms).
+"""A page of 50 of a container's tasks among a million other states (docs/performance.md; goal: 10 ms).
 
     .venv/bin/python bench/index.py [--others 1000000] [--mine 10000] [--repeat 200]
 

@@ -30,7 +30,7 @@ __all__ = [
 
 # Every default, visible in app_settings["amqp"] (guillotina merges the configuration's
 # block over it). Only where the add-on is not loaded, or `amqp: null`, is there no block:
-# add_task() is then a logged no-op (SPEC §1).
+# add_task() is then a logged no-op (docs/design.md#public-api).
 app_settings: dict[str, Any] = {
     "amqp": copy.deepcopy(DEFAULTS),
     "redis_prefix_key": AMQPSettings.redis_prefix_key,

@@ -1,4 +1,4 @@
-"""REST services on containers: list, read, cancel and retry tasks; workers and queues (SPEC §7, §13)."""
+"""REST services on containers: list, read, cancel and retry tasks; workers, queues (docs/operations.md)."""
 
 from typing import Any, Callable, TypeVar
 

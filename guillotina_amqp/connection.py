@@ -62,7 +62,7 @@ async def retrying(
 
 
 class AMQPConnection:
-    """One connection to a broker, with the queues of SPEC §3 declared on it, reconnected
+    """One connection to a broker, with its queues (docs/design.md#queues) declared, reconnected
     (to any broker of `amqp.hosts`) from open() until close()."""
 
     def __init__(

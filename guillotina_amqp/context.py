@@ -1,4 +1,4 @@
-"""The Guillotina context a task runs in: rebuilt request, db, container, user (SPEC §4.6).
+"""The context a task runs in: rebuilt request, db, container, user (docs/design.md#running-a-task).
 
 Guillotina's objects are typed here by class or as Any: mypy reads the methods of a zope
 interface (IDatabase, IRegistry...) as if they lacked `self`, so interfaces cannot type them.
@@ -27,10 +27,13 @@ def rebuild_request(req_data: dict) -> Request:
     """A request like the one that scheduled the task (url, method, headers, annotations)."""
     scheme, path, query = split_url(req_data.get("url"))
     headers = req_data.get("headers") or {}
-    raw_headers = [(str(k).lower().encode(), str(v).encode()) for k, v in headers.items()]
+    # names as sent: header lookups ignore case, and code that copies them sees the original's
+    raw_headers = [(str(k).encode(), str(v).encode()) for k, v in headers.items()]
     request = Request(scheme, req_data.get("method") or "POST", path, query, raw_headers)
-    for key, value in (req_data.get("annotations") or {}).items():
+    annotations = dict(req_data.get("annotations") or {})
+    for key, value in annotations.items():
         request[key] = value
+    request.annotations = annotations  # type: ignore[attr-defined]  # where the original's code reads them
     task_vars.request.set(cast(IRequest, request))
     task_vars.futures.set({})
     return request

@@ -1,4 +1,4 @@
-"""Task control (SPEC §11): per-task options, checked where they are given, and the retry delay.
+"""Task control (docs/tasks.md): per-task options, checked where they are given, and the retry delay.
 
 `timeout`, `max_retries` and `priority` are given on `@task(...)` and, with a leading underscore,
 on `add_task(...)`; they travel as message fields of the same names. The call

@@ -1,4 +1,4 @@
-"""`@task` and `@object_task`: functions that schedule themselves (SPEC §1)."""
+"""`@task` and `@object_task`: functions that schedule themselves (docs/design.md#public-api)."""
 
 import functools
 import uuid
@@ -38,7 +38,7 @@ class TaskDefinition:
         self.retries = retries
         self.queue = _checked_queue(queue)
         self.options = control.check_options(options)
-        # when and where it runs (SPEC §12): checked now, so a bad one fails at import
+        # when and where it runs (docs/tasks.md): checked now, so a bad one fails at import
         expiry.deadline(expires)
         if run_in is not None and self.object_task:
             raise ValueError(f"object task {registry.dotted_name(func)}: run_in is not for object tasks")

@@ -1,4 +1,4 @@
-"""Eager mode (`amqp.eager: true`, SPEC §11): add_task runs the task here and now.
+"""Eager mode (`amqp.eager: true`, docs/tasks.md#eager-mode): add_task runs the task here and now.
 
 The task goes through the worker's own code: the message is decoded and checked,
 the Job rebuilds its context, and the worker's decisions (states, retries, the
@@ -75,5 +75,5 @@ def get_worker(settings: AMQPSettings) -> EagerWorker:
 
 
 async def run(body: bytes, settings: AMQPSettings, headers: dict | None = None) -> None:
-    """Run the task message `body` in this process (SPEC §11 eager mode)."""
+    """Run the task message `body` in this process (eager mode)."""
     await get_worker(settings).run(body, headers)

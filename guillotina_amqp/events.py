@@ -1,4 +1,4 @@
-"""Task events (SPEC §11), told to the subscribers registered in Guillotina's component registry.
+"""Task events (docs/tasks.md#events), told to the subscribers registered in Guillotina's component registry.
 
 Subscribe the Guillotina way::
 

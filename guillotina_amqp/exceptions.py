@@ -1,4 +1,4 @@
-"""Errors raised by guillotina_amqp (SPEC §1)."""
+"""Errors raised by guillotina_amqp (docs/design.md#public-api)."""
 
 
 class AMQPError(Exception):
@@ -115,7 +115,7 @@ def _seconds(name: str, value: float | None) -> float | None:
 
 
 class TaskControl(AMQPError):
-    """Raised by a task to steer its own message instead of failing (SPEC §11)."""
+    """Raised by a task to steer its own message instead of failing (docs/tasks.md)."""
 
 
 class Retry(TaskControl):

@@ -1,4 +1,4 @@
-"""Task expiry (SPEC §12): a task not started by its deadline never runs.
+"""Task expiry (docs/tasks.md#expiry): a task not started by its deadline never runs.
 
 `_expires` (seconds from now, or a datetime) is turned into an absolute deadline
 at the call; it travels as the message field `expires` (epoch seconds). The worker

@@ -1,4 +1,4 @@
-"""HTTP tasks (SPEC §15): a task that is a request to a URL, made by a worker.
+"""HTTP tasks (docs/tasks.md#http-tasks): a task that is a request to a URL, made by a worker.
 
 2xx finishes the task with `{"status", "headers", "body"}`; 5xx, connection errors and
 timeouts fail it like any task (retried through the delay queue); 4xx fails it for good.

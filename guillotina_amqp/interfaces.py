@@ -1,4 +1,4 @@
-"""Interfaces of guillotina_amqp (SPEC §1, §5)."""
+"""Interfaces of guillotina_amqp (docs/design.md#public-api, #state-in-redis)."""
 
 from enum import StrEnum
 
@@ -83,7 +83,7 @@ class IStateManagerUtility(Interface):
 
 
 class ITaskEvent(Interface):
-    """Something happened to a task (SPEC §11); subscribe with `configure.subscriber(for_=...)`."""
+    """Something happened to a task (docs/tasks.md#events); subscribe: `configure.subscriber(for_=...)`."""
 
     task_id = Attribute("the task's id")
     dotted_name = Attribute("the task's function, as logs and metrics name it")

@@ -50,7 +50,7 @@ class Outcome(enum.Enum):
     ERRORED = "errored"
     CANCELED = "canceled"
     INTERRUPTED = "interrupted"  # worker shutting down: leave the message for redelivery
-    # the task steered its message by raising (SPEC §11)
+    # the task steered its message by raising (docs/tasks.md#steering-the-message-from-inside-a-task)
     RETRY = "retry"
     REJECTED = "rejected"
     DISCARDED = "discarded"
@@ -65,7 +65,7 @@ class Job:
 
     `Job(data, settings, state_manager)`; the original plugin's call shape
     `Job(base_request, data, channel, envelope)` works too: the settings and state
-    manager are then this process's, and the other three are kept as attributes
+    manager are then this process's (looked up on first use), and the other three are kept as attributes
     (the request is rebuilt from the message; the worker settles the message).
     """
 
@@ -78,15 +78,11 @@ class Job:
     ) -> None:
         if not isinstance(settings, AMQPSettings):  # the original's shape, told by its 2nd argument
             self.base_request, self.channel, self.envelope = data, state_manager, envelope
-            data, settings, state_manager = settings, get_settings(), get_state_manager()
+            data, settings, state_manager = settings, None, None
         self.data: dict[str, Any] = data
-        self.settings: AMQPSettings = settings
-        self.state_manager: StateManager = state_manager
-        self.func: Callable[..., Any] = registry.resolve(data["func"], settings)
-        if self.is_object_task:
-            if not data["args"]:
-                raise registry.InvalidMessage("object task without its callable", self.task_id)
-            registry.resolve(data["args"][0], settings)
+        self._settings: AMQPSettings | None = settings
+        self._state_manager: StateManager | None = state_manager
+        self._func: Callable[..., Any] | None = None
         self.result: Any = None
         self.error: str | None = None
         #: what the run raised (a TaskControl the task steered its message with, or its failure)
@@ -96,6 +92,38 @@ class Job:
         self.retries = 0
         #: the message's headers (the trace context of the publish, when traced)
         self.headers: dict | None = headers
+
+    @property
+    def settings(self) -> AMQPSettings:
+        """The worker's settings; this process's for a Job built in the original's shape."""
+        if self._settings is None:
+            self._settings = get_settings()
+        return self._settings
+
+    @property
+    def state_manager(self) -> StateManager:
+        if self._state_manager is None:
+            self._state_manager = get_state_manager()
+        return self._state_manager
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function to run; TaskNotAllowed/InvalidMessage when it may not or cannot run.
+
+        Checked when the job is about to run, not when it is built: naming a job's
+        function (`dotted_name`, logs, metrics) never imports anything.
+        """
+        if self._func is None:
+            func = registry.resolve(self.data["func"], self.settings)
+            if self.is_object_task:
+                if not self.data["args"]:
+                    raise registry.InvalidMessage("object task without its callable", self.task_id)
+                registry.resolve(self.data["args"][0], self.settings)
+            self._func = func
+        return self._func
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        return self.resolve()
 
     @property
     def task_id(self) -> str:

@@ -1,4 +1,4 @@
-"""Liveness of a worker process (SPEC §6): beacons, activity check, loop watchdog.
+"""Liveness of a worker process (docs/design.md#liveness): beacons, activity check, loop watchdog.
 
 A worker that is alive but useless (its connection stuck, its consumer no
 longer receiving, its event loop hogged by a task) must exit non-zero so its
@@ -6,7 +6,7 @@ supervisor restarts it. Each check here reports such a failure through a
 callback, `on_failure(exit_code, reason)`; only the loop watchdog kills the
 process itself, because a blocked loop cannot run any callback.
 
-The exit codes of `g amqp-worker` are defined here, in one place (README: Operations).
+The exit codes of `g amqp-worker` are defined here, in one place (docs/operations.md#exit-codes).
 """
 
 import asyncio
@@ -173,8 +173,6 @@ class ActivityCheck:
         on_failure: FailureCallback,
     ) -> None:
         self.worker_id = worker_id
-        self.noop_after = float(noop_after)
-        self.kill_after = float(kill_after)
         self.busy = busy
         self.publish = publish
         self.on_failure = on_failure
@@ -182,6 +180,14 @@ class ActivityCheck:
         self.probes_sent = 0
         self.probes_back = 0
         self._last_probe = 0.0
+        self.configure(noop_after, kill_after)
+
+    def configure(self, noop_after: float | None = None, kill_after: float | None = None) -> None:
+        """Set the idle limits (None keeps one) and the pace that follows from them."""
+        if noop_after is not None:
+            self.noop_after = float(noop_after)
+        if kill_after is not None:
+            self.kill_after = float(kill_after)
         # a few probes fit between noop_after and kill_after
         self.probe_every = max((self.kill_after - self.noop_after) / 3, 0.1)
         self.interval = min(max(min(self.noop_after, self.kill_after) / 4, 0.05), 5.0)
@@ -189,9 +195,10 @@ class ActivityCheck:
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    async def run(self) -> None:
+    async def run(self, interval: float | None = None) -> None:
+        """Check every `interval` seconds (default: a quarter of the shorter limit) until not live."""
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval if interval is None else interval)
             if not await self.check():
                 return
 

@@ -1,4 +1,4 @@
-"""Task messages: build the body of SPEC §3 from a request, sign it, decode it safely."""
+"""Task messages: build the body (docs/design.md#messages) from a request, sign it, decode it safely."""
 
 import hashlib
 import hmac
@@ -25,9 +25,9 @@ _HEX = frozenset(string.hexdigits)
 REQUIRED_FIELDS = ("func", "task_id")
 #: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
 FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"})
-#: Per-task options (SPEC §11), present only when the task or the call set them.
+#: Per-task options (docs/tasks.md), present only when the task or the call set them.
 FIELDS |= frozenset(control.OPTIONS)
-#: When the task may start, its deadline, where a plain def runs (SPEC §12), present only when set.
+#: When the task may start, its deadline, where a plain def runs (docs/tasks.md), present only when set.
 FIELDS |= {"eta", "expires", "run_in"}
 
 # The worker logs the user in from the explicit `user` block, so credentials
@@ -117,11 +117,19 @@ def request_data(
         "url": public_url(str(request.url)),
         "method": request.method,
         "headers": public_headers(request.headers),
-        # Request iterates its keys but has no keys(): dict(request) would raise
-        "annotations": _json_safe({key: request[key] for key in request}),
+        "annotations": _json_safe(annotations_of(request)),
         "container_url": get_object_url(container, request) if container is not None else None,
         "user": user_data(user),
     }
+
+
+def annotations_of(request: IRequest) -> dict[str, Any]:
+    """What a request carries for the code it reaches: its items, and the dict an application
+    of the original plugin's time set as `request.annotations`."""
+    # Request iterates its keys but has no keys(): dict(request) would raise
+    annotations = {key: request[key] for key in request}
+    legacy = getattr(request, "annotations", None)
+    return {**annotations, **legacy} if isinstance(legacy, dict) else annotations
 
 
 def is_root(req_data: dict) -> bool:
@@ -299,7 +307,7 @@ def _check_request(req_data: dict, task_id: str | None) -> None:
 
 
 def _check_when(message: dict, task_id: str | None) -> None:
-    """The SPEC §12 fields: a hostile value is refused here, never met by the worker."""
+    """The eta, expires and run_in fields: a hostile value is refused here, never met by the worker."""
     problem = expiry.check_field(message.get("expires")) or offload.check_field(message)
     if problem:
         raise InvalidMessage(problem, task_id)

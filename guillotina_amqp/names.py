@@ -1,7 +1,7 @@
 """Queue names, queue arguments and state keys, derived in one place.
 
 RabbitMQ refuses to re-declare a queue with other arguments (PRECONDITION_FAILED),
-so the arguments here are exactly those of SPEC §3 and never change; quorum queues
+so the arguments here are exactly the original's and never change; quorum queues
 (`amqp.queue_type: quorum`) add theirs under names of their own (settings.QUORUM_SUFFIX).
 """
 
@@ -25,7 +25,8 @@ OBJECT_TASK_WRAPPERS = frozenset(
 def task_name(func: str, args: list | tuple) -> str:
     """A task's function as logs, metrics and events name it (object tasks by their callable)."""
     if func in OBJECT_TASK_WRAPPERS and args:
-        return f"run_object_task/{args[0]}"
+        # "run_object_task/app.f" or "yield_object_task/app.f", as the original named them
+        return f"{func.rpartition('.')[2].lstrip('_')}/{args[0]}"
     return func
 
 
@@ -37,7 +38,7 @@ def error_queue(queue: str) -> str:
     return f"{queue}-error"
 
 
-#: Delay tiers (SPEC §11): fixed-TTL queues of 100 ms * 2^(k/4), each about 19% longer than the
+#: Delay tiers (docs/design.md#queues): fixed-TTL queues of 100 ms * 2^(k/4), each about 19% longer than the
 #: one before, up to about 19 days. A per-message TTL only expires at a queue's head, so a
 #: delay needs a queue whose every message waits as long; the original's queues stay as they are.
 DELAY_TIERS_MS = tuple(math.ceil(100 * 2 ** (k / 4)) for k in range(97))
@@ -57,8 +58,10 @@ def delay_tier_floor_ms(delay_ms: float) -> int | None:
     return DELAY_TIERS_MS[index - 1] if index else None
 
 
-def delay_tier_queue(queue: str, ttl_ms: int) -> str:
-    return f"{queue}-delay-{ttl_ms}ms"
+def delay_tier_queue(queue: str, ttl_ms: int, quorum: bool = False) -> str:
+    # a quorum tier is named apart: redeclaring a classic tier of the same name as a quorum
+    # queue would fail (406) while workers of both kinds run during the switch
+    return f"{queue}-{'q' if quorum else ''}delay-{ttl_ms}ms"
 
 
 def delay_tier(
@@ -69,16 +72,20 @@ def delay_tier(
     declared on use and expire once unused, so their number never grows on the broker."""
     ttl = delay_tier_ms(delay_ms)
     queue = queue or settings.queue
-    return delay_tier_queue(queue, ttl), {
+    arguments: dict[str, Any] = {
         "x-dead-letter-exchange": settings.exchange,
         "x-dead-letter-routing-key": queue,
         "x-message-ttl": ttl,
         # declared again before every use: idle for longer, its last message is long gone
         "x-expires": 2 * ttl + TIER_EXPIRES_AFTER_MS,
     }
+    quorum = settings.queue_type == "quorum"
+    if quorum:  # a countdown or a backed-off retry is replicated too
+        arguments |= _quorum_arguments(arguments)
+    return delay_tier_queue(queue, ttl, quorum), arguments
 
 
-#: Priorities (SPEC §12): tasks given one wait in `<queue>-priority`, declared with
+#: Priorities (docs/tasks.md#priorities): tasks given one wait in `<queue>-priority`, declared with
 #: x-max-priority (the original's queues keep their arguments), 0 lowest, 9 highest.
 PRIORITY_SUFFIX = "-priority"
 MAX_PRIORITY = 9
@@ -119,7 +126,7 @@ def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict
 
 
 def _quorum_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Replicated queues (SPEC §14). A queue that dead-letters does so at-least-once: a
+    """Replicated queues (docs/operations.md). A queue that dead-letters does so at-least-once: a
     message leaves only once the target queue confirmed its copy (RabbitMQ 3.10+ accepts
     that strategy only with reject-publish overflow)."""
     if "x-dead-letter-exchange" not in arguments:
@@ -136,7 +143,7 @@ DEFAULT_QUEUE = "default"
 #: Named queues: these characters; no "amq." prefix (RabbitMQ reserves it).
 QUEUE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.:")
 #: RabbitMQ's limit is 255 bytes, and the name's priority queue and its delay tiers must fit it too.
-MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")
+MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")  # fits "-quorum-qdelay-…" too
 
 
 def task_queue(name: Any, settings: AMQPSettings) -> str:
@@ -239,7 +246,7 @@ def done_channel(prefix: str, task_id: str) -> str:
     return f"{prefix}changed:{task_id}"
 
 
-# Operations bookkeeping (SPEC §13) lives under `<prefix>meta:`, a word no task id can start with.
+# Operations bookkeeping (docs/design.md#keys) lives under `<prefix>meta:`, a word no task id starts with.
 META = "meta:"
 #: task states a container's index keeps a sorted set for
 INDEXED_STATUSES = ("scheduled", "running", "finished", "errored", "canceled")

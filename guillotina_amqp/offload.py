@@ -1,4 +1,4 @@
-"""Plain `def` tasks run off the event loop (SPEC §12): `@task(run_in="thread" | "process")`.
+"""Plain `def` tasks run off the event loop (docs/tasks.md): `@task(run_in="thread" | "process")`.
 
 The loop keeps serving other tasks meanwhile. The task's `timeout` (and a cancel,
 or the worker stopping) cancels the run like any other: a thread cannot be stopped,

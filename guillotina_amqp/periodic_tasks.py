@@ -1,4 +1,4 @@
-"""Periodic tasks (SPEC §12): `@periodic(cron="*/5 * * * *")` or `@periodic(every=60)`.
+"""Periodic tasks (docs/design.md#periodic-tasks): `@periodic(cron="*/5 * * * *")` or `@periodic(every=60)`.
 
 Fired by the workers themselves, no extra process: every worker wakes at each
 fire time and tries to claim the period in the state manager (a Redis `SET NX`

@@ -1,4 +1,4 @@
-"""Workers announce themselves, their running tasks and their load (SPEC §13).
+"""Workers announce themselves, their running tasks and their load (docs/design.md#operations-bookkeeping).
 
 Each announcement lives for a few status intervals: a worker that dies stops
 refreshing it and drops off the list on its own; one that stops cleanly retires it.
@@ -44,7 +44,7 @@ class Presence:
             "worker_id": worker.worker_id,
             "host": self.host,
             "pid": self.pid,
-            "queue": worker.settings.queue,
+            "queue": ", ".join(worker.queues),  # what --queue named, not only amqp.queue
             "started": self.started,
             "seen": time.time(),
             "running": running,

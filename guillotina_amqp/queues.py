@@ -1,4 +1,4 @@
-"""The task queues as operators see them (SPEC §13): depths, and the error queue's dead letters.
+"""The task queues as operators see them (docs/operations.md): depths, and the error queue's dead letters.
 
 Depths come from passive declares (they never create a queue). Dead letters are
 read with basic.get: listing hands every message back; requeueing moves one

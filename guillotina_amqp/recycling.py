@@ -1,4 +1,4 @@
-"""Worker recycling and load (SPEC §12): `--max-tasks`, `--max-load` (and `--max-run-time`,
+"""Worker recycling and load (docs/operations.md): `--max-tasks`, `--max-load` (and `--max-run-time`,
 which the command times itself).
 
 A worker that may claim no more tasks, or whose machine is too loaded, stops

@@ -1,4 +1,4 @@
-"""Re-running an errored or canceled task under its own id (SPEC §13).
+"""Re-running an errored or canceled task under its own id (docs/operations.md#rest-api).
 
 The stored message (`job_data`) is published again as a new run of the same id (a new
 `run`): the state starts over as `scheduled` (no retries counted, no error, no event

@@ -1,5 +1,5 @@
-"""The `amqp` settings block, and the `redis` block as the state store reads it, each
-read as one typed, checked object.
+"""The `amqp` settings block (docs/settings.md), and the `redis` block as the state store reads
+it, each read as one typed, checked object.
 
 `AMQPSettings` declares every setting once: name, type and default. `DEFAULTS`
 (what the add-on puts in `app_settings["amqp"]`) is derived from it, and
@@ -37,7 +37,7 @@ QUORUM_SUFFIX = "-quorum"
 
 @dataclass(frozen=True)
 class HTTPTasksSettings:
-    """The `amqp.http_tasks` block (SPEC §15): HTTP tasks are off while `allowed` is empty."""
+    """The `amqp.http_tasks` block (docs/tasks.md#http-tasks): HTTP tasks are off while `allowed` is empty."""
 
     #: the origins HTTP tasks may request, each "scheme://host:port" ("https://api.internal:443")
     allowed: tuple[str, ...] = ()
@@ -88,7 +88,7 @@ class AMQPSettings:
     delayed_ttl_ms: int = 120000
     errored_ttl_ms: int = 604800000
     beaconttl: float = 30
-    # beyond the original (SPEC §6, §9)
+    # beyond the original: liveness, shutdown, security (docs/settings.md)
     noop_after: float = 200
     kill_after: float = 300
     shutdown_timeout: float = 30
@@ -100,17 +100,17 @@ class AMQPSettings:
     # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000
-    # beyond one machine (SPEC §14)
+    # beyond one machine (docs/operations.md#production-topology)
     hosts: tuple[str, ...] = ()
     queue_type: str = "classic"
     # production connections (issue 24): None is plain TCP; true or a block is TLS (amqps)
     ssl: TLSSettings | None = None
-    # task control (SPEC §11)
+    # task control (docs/tasks.md)
     task_timeout: float | None = None
     retry_backoff: bool = False
     retry_backoff_max_ms: int = 3600000
     eager: bool = False
-    # HTTP tasks (SPEC §15)
+    # HTTP tasks (docs/tasks.md#http-tasks)
     http_tasks: HTTPTasksSettings = HTTPTasksSettings()
     # top level of the configuration, not in the block
     redis_prefix_key: str = field(default="amqpjobs-", metadata={TOP_LEVEL: True})

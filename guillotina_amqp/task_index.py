@@ -1,4 +1,4 @@
-"""Pages of a container's tasks read from its index (SPEC §13): the cost of a page is its size.
+"""Pages of a container's tasks read from its index (docs/design.md): the cost of a page is its size.
 
 A page is read newest first; its cursor names the last entry read, so the next page
 starts right after it even while new tasks arrive. Entries whose state expired, or that
@@ -110,7 +110,7 @@ def matches(task: dict[str, Any], status: str | None, function: str | None) -> b
 
 
 async def all_ids(manager: StateManager, container: str) -> list[str]:
-    """Every id of the container whose state exists, newest first (the unpaged listing of SPEC §7)."""
+    """Every id of the container whose state exists, newest first (the original's unpaged listing)."""
     ids: list[str] = []
     cursor: str | None = None
     while True:

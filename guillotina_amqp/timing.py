@@ -1,4 +1,4 @@
-"""When a task may start (SPEC §12): `_countdown` / `_eta`, held in the broker's delay tiers.
+"""When a task may start (docs/tasks.md): `_countdown` / `_eta`, held in the broker's delay tiers.
 
 A waiting task sits in the longest delay tier that does not overshoot its start, comes
 back to the main queue, and is sent into a shorter tier again until less than the

@@ -1,4 +1,4 @@
-"""Shapes of the data a task message carries (SPEC §3), for type hints.
+"""Shapes of the data a task message carries (docs/design.md#messages), for type hints.
 
 `SerializedRequest` is the message's `req_data`: what `utils.serialize_request`
 returns and `utils.make_request` rebuilds a request from.

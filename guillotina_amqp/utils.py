@@ -1,4 +1,4 @@
-"""Scheduling and cancelling tasks (SPEC §1): add_task, add_object_task, cancel_task.
+"""Scheduling and cancelling tasks (docs/design.md#public-api): add_task, add_object_task, cancel_task.
 
 Also the helpers the original plugin's users import from here: get_task_id_prefix,
 generate_task_id, serialize_request, make_request, metric_measure.
@@ -112,11 +112,11 @@ async def add_task(
     to this named queue (its own `-delay` and `-error` queues are declared with it),
     run by workers started with `--queue <name>`; None or "default" is amqp.queue;
     `_priority` (0 lowest to 9): the task waits in the queue's priority queue, where
-    higher priorities start first (README "Priorities").
-    With `amqp.eager` the task runs here and now (SPEC §11), no broker involved.
+    higher priorities start first (docs/tasks.md#priorities).
+    With `amqp.eager` the task runs here and now (docs/tasks.md#eager-mode), no broker involved.
     Without an `amqp` settings block, logs a warning and returns None.
 
-    When and where it runs (SPEC §12): `_expires` (seconds from now, or a datetime):
+    When and where it runs (docs/tasks.md): `_expires` (seconds from now, or a datetime):
     not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
     "process", default: the task's `@task(run_in=)`): where a plain `def` runs.
 

@@ -35,10 +35,11 @@ from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
 from guillotina_amqp.presence import Presence
-from guillotina_amqp.publishing import Publisher
+from guillotina_amqp.publishing import Publisher, get_publisher
 from guillotina_amqp.settings import AMQPSettings, get_settings
 from guillotina_amqp.state.manager import CANCELED, CLAIMED, DONE, LOCKED, get_state_manager
 from guillotina_amqp.state.status import TaskStatus
+from guillotina_amqp.worker_compat import OriginalWorkerNames
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -116,8 +117,8 @@ class Delivery(NamedTuple):
         return getattr(self.properties, "headers", None)
 
 
-class Worker:
-    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once (SPEC §4)."""
+class Worker(OriginalWorkerNames):
+    """Consumes `amqp.queue` (or the named `queues`) and runs up to `max_size` tasks at once."""
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class Worker:
         #: what it consumes: those queues and their priority queues (none with quorum queues)
         self.consumed = self.queues + priority_queues(self.settings, self.queues)
         self.max_size = max_size or self.settings.max_running_tasks
-        self.check_activity = check_activity
+        self._check_activity = check_activity
         self.max_task_retries = self.settings.max_task_retries
         self.update_status_interval = self.settings.update_status_interval
         self.state_manager = get_state_manager()
@@ -153,19 +154,30 @@ class Worker:
         self._running: dict[str, tuple[Job, asyncio.Task]] = {}
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
-        self._slots: asyncio.Semaphore | None = None
-        self._idle: asyncio.Event | None = None
+        self._slots = asyncio.Semaphore(self.max_size)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._stopping = False
         self._consumer_cancelled = asyncio.Event()
-        # liveness (SPEC §6): a failed check sets exit_code and `failed`; the command exits
+        # liveness (docs/design.md#liveness): a failed check sets exit_code and `failed`; the command exits
         self.exit_code: int | None = None
         self.failed = asyncio.Event()
         self.beacon: liveness.Beacon | None = None
-        self.activity: liveness.ActivityCheck | None = None
+        #: tracks deliveries from the start; its loop runs only with check_activity
+        self.activity = liveness.ActivityCheck(
+            self.worker_id,
+            self.settings.noop_after,
+            self.settings.kill_after,
+            # a paused worker (--max-load, --max-tasks) expects no delivery: not idle
+            busy=lambda: bool(self._handlers) or not self.gate.open,
+            publish=self._publish_probe,
+            on_failure=self.fail,
+        )
+        self._activity_task: asyncio.Task | None = None
         self.probes_forwarded = 0
         self.presence = Presence(self)
-        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks (SPEC §12)
-        # recycling and load (SPEC §12): consume only while the gate is open
+        self.firer: periodic_tasks.Firer | None = None  # fires the periodic tasks
+        # recycling and load (docs/operations.md): consume only while the gate is open
         self.quota = recycling.Quota(max_tasks)
         self.gate = recycling.Gate()
         self.load_watch = None
@@ -185,9 +197,6 @@ class Worker:
     # -- life cycle ---------------------------------------------------------
     async def start(self) -> None:
         """Connect, declare the queues and start consuming; return once consuming."""
-        self._slots = asyncio.Semaphore(self.max_size)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.connection = AMQPConnection(self.settings, name=self.connection_name, queues=self.consumed)
         await self.connection.open()
         self.publisher = Publisher(self.settings, self.connection)
@@ -214,17 +223,8 @@ class Worker:
         assert self.connection is not None
         self.beacon = liveness.Beacon(self.connection, self.settings.beaconttl, self.fail)
         self._background.append(asyncio.create_task(self.beacon.run()))
-        if self.check_activity:
-            self.activity = liveness.ActivityCheck(
-                self.worker_id,
-                self.settings.noop_after,
-                self.settings.kill_after,
-                # a paused worker (--max-load, --max-tasks) expects no delivery: not idle
-                busy=lambda: bool(self._handlers) or not self.gate.open,
-                publish=self._publish_probe,
-                on_failure=self.fail,
-            )
-            self._background.append(asyncio.create_task(self.activity.run()))
+        if self._check_activity:
+            self._activity_task = asyncio.create_task(self.activity.run())
 
     def _start_periodic(self) -> None:
         tasks = periodic_tasks.registered()
@@ -240,11 +240,17 @@ class Worker:
             self.exit_code = exit_code
         self.failed.set()
 
+    def _publisher(self) -> Publisher:
+        """Ours once started; before (the original's handle_queued_job on a worker never
+        started) this process's publisher, the one add_task uses."""
+        if self.publisher is None:
+            self.publisher = get_publisher(self.settings)
+        return self.publisher
+
     async def _publish_probe(self, body: bytes) -> None:
-        assert self.publisher is not None
         headers = {liveness.PROBE_HEADER: "1"}
         # into a queue we consume, so that it comes back to us
-        await self.publisher.publish(body, self.queues[0], retries=0, headers=headers)
+        await self._publisher().publish(body, self.queues[0], retries=0, headers=headers)
 
     async def _consume(self) -> dict[str, asyncio.Event]:
         """Consume on a new channel; return the events that tell it was lost.
@@ -306,7 +312,6 @@ class Worker:
 
     async def join(self) -> None:
         """Wait until no task runs or waits on this worker."""
-        assert self._idle is not None, "worker not started"
         while self._handlers:
             await self._idle.wait()
 
@@ -318,8 +323,12 @@ class Worker:
     def cancel(self) -> None:
         """Cancel every running task (their messages stay unacked) and background loop."""
         self.cancel_running()
-        for task in [*self._handlers, *self._background]:
+        for task in [*self._handlers, *self._owned_loops()]:
             task.cancel()
+
+    def _owned_loops(self) -> list[asyncio.Task]:
+        # the activity loop may also have been started by the original's check_activity(...)
+        return [*self._background, *([self._activity_task] if self._activity_task else [])]
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Graceful stop: consume no more, give running tasks `timeout` seconds
@@ -347,7 +356,7 @@ class Worker:
         self._stopping = True
         await self._stop_consuming()
         self.cancel_running()
-        await cancel_and_wait([*self._handlers, *self._background])
+        await cancel_and_wait([*self._handlers, *self._owned_loops()])
         self._background.clear()
         await self.presence.retire()
         if self.connection is not None:
@@ -367,18 +376,16 @@ class Worker:
         self, channel: Channel, body: bytes, envelope: Any, properties: Any, queue: str | None = None
     ) -> None:
         # called from aioamqp's frame reader: hand the delivery over, never await the broker here
-        if self.activity is not None:
-            self.activity.touch()
+        self.activity.touch()
         delivery = Delivery(channel, body, envelope, properties, queue or self.queues[0])
         task = asyncio.create_task(self._handle(delivery))
         self._handlers.add(task)
-        assert self._idle is not None
         self._idle.clear()
         task.add_done_callback(self._handler_done)
 
     def _handler_done(self, task: asyncio.Task) -> None:
         self._handlers.discard(task)
-        if not self._handlers and self._idle is not None:
+        if not self._handlers:
             self._idle.set()
         if not self._handlers and self.quota.done and not self.recycled.is_set():
             logger.info(
@@ -408,7 +415,6 @@ class Worker:
         await timing.until(data.get("eta"))
         if self.quota.full:
             return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
-        assert self._slots is not None
         async with self._slots:
             try:
                 return await self._claim_within_quota(job)
@@ -416,6 +422,8 @@ class Worker:
                 raise
             except TaskStateUnusable as exc:
                 return await self._refuse(delivery, exc, record=False)
+            except InvalidMessage as exc:  # its function, checked once claimed
+                return await self._refuse(delivery, exc)
             except Exception as exc:
                 return await self._infrastructure_failure(delivery, job, exc)
 
@@ -462,6 +470,7 @@ class Worker:
                 await self._notify(events.TaskCanceledEvent, job)
             return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
+        job.resolve()  # a function that may not run: refused, and the claimed run ends errored
         too_late = expiry.expired(job.data)
         if too_late:
             return await self._expire(job, too_late)
@@ -629,15 +638,14 @@ class Worker:
         `x-death` header, which any publisher can set. What we republish carries no
         broker-made death headers at all, so no queue ever reads a stranger's.
         """
-        assert self.publisher is not None
-        if not delivery.channel.is_open:
+        if not getattr(delivery.channel, "is_open", True):  # the original's test channels have none
             # the broker already requeued the original: a copy would make it run twice
             logger.warning("%s: its channel closed; the broker will redeliver it", label)
             return
         try:
             queue = queue or await self._delay_queue(delay_ms, delivery.queue)
             headers = counted(delivery.headers, counter)
-            await self.publisher.publish(
+            await self._publisher().publish(
                 delivery.body,
                 queue,
                 retries=1,
@@ -655,22 +663,23 @@ class Worker:
 
     async def _delay_queue(self, delay_ms: int | None, queue: str) -> str:
         """`queue`'s delay queue, or its delay tier for `delay_ms` (declared before use)."""
-        assert self.publisher is not None
         if delay_ms is None:
             return names.delay_queue(queue)
         queue, arguments = names.delay_tier(self.settings, delay_ms, queue)
-        await self.publisher.declare_queue(queue, arguments)
+        await self._publisher().declare_queue(queue, arguments)
         return queue
 
     async def _ack(self, delivery: Delivery, label: str) -> None:
         try:
-            await delivery.channel.basic_client_ack(delivery.envelope.delivery_tag)
+            await delivery.channel.basic_client_ack(delivery_tag=delivery.envelope.delivery_tag)
         except CONNECTION_ERRORS:
             logger.warning("%s: ack lost with the channel; the broker will redeliver it", label)
 
     async def _nack(self, delivery: Delivery, label: str, requeue: bool = False) -> None:
         try:
-            await delivery.channel.basic_client_nack(delivery.envelope.delivery_tag, requeue=requeue)
+            await delivery.channel.basic_client_nack(
+                delivery_tag=delivery.envelope.delivery_tag, requeue=requeue
+            )
         except CONNECTION_ERRORS:
             logger.warning("%s: nack lost with the channel; the broker will redeliver it", label)
 
@@ -697,63 +706,3 @@ class Worker:
                 logger.info("%s canceled while running", job.label)
                 job.cancel_requested = True
                 task.cancel()
-
-    # -- names kept from the original plugin ---------------------------------
-    # Thin aliases for applications and tests written against the original; nothing
-    # above depends on them.
-    @property
-    def queue_main(self) -> str:
-        return self.settings.queue
-
-    @property
-    def queue_delayed(self) -> str:
-        return names.delay_queue(self.settings.queue)
-
-    @property
-    def queue_errored(self) -> str:
-        return names.error_queue(self.settings.queue)
-
-    async def handle_queued_job(self, channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
-        """The original's consumer callback: handle one delivery, return once it is settled."""
-        before = set(self._handlers)
-        await self._on_message(channel, body, envelope, properties)
-        await asyncio.gather(*(self._handlers - before))
-
-    @property
-    def last_activity(self) -> float:
-        """time.time() of the last delivery (or of the last check that saw a task running)."""
-        return time.time() - (time.monotonic() - self._activity_check().last_activity)
-
-    @last_activity.setter
-    def last_activity(self, when: float) -> None:
-        self._activity_check().last_activity = time.monotonic() - (time.time() - when)
-
-    def _activity_check(self) -> liveness.ActivityCheck:
-        if self.activity is None:
-            raise RuntimeError(
-                f"Worker {self.worker_id} runs no activity check (not started, or check_activity=False)"
-            )
-        return self.activity
-
-    class _ActivityCheckSwitch:
-        """`worker.check_activity`: true when the worker runs the activity check (the
-        constructor's flag), and, called, one round of it (the original's method):
-        `await worker.check_activity()` sends a probe past `noop_after` idle seconds and
-        fails the worker (exit code 4) past `kill_after`; it returns whether it is live."""
-
-        def __init__(self, worker: "Worker") -> None:
-            self._worker = worker
-
-        def __bool__(self) -> bool:
-            return self._worker._check_activity_enabled
-
-        async def __call__(self) -> bool:
-            return await self._worker._activity_check().check()
-
-    @property
-    def check_activity(self) -> _ActivityCheckSwitch:
-        return Worker._ActivityCheckSwitch(self)
-
-    @check_activity.setter
-    def check_activity(self, enabled: bool) -> None:
-        self._check_activity_enabled = enabled

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start or stop the engines of the HA tests (SPEC §14) on this machine, loopback only:
+# Start or stop the engines of the HA tests (docs/operations.md) on this machine, loopback only:
 #   - a 3-node RabbitMQ cluster: ha1@localhost, ha2@localhost, ha3@localhost
 #     (AMQP 5701-5703, distribution 25701-25703), beside the machine's own node on 5672;
 #   - a standalone node, solo@localhost (AMQP 5704, distribution 25704), that tests may stop

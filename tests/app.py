@@ -411,7 +411,7 @@ async def sleep_then_add(seconds: float, a: int, b: int) -> int:
     return a + b
 
 
-# -- task control (tests/test_control.py, SPEC §11) --
+# -- task control (tests/test_control.py, docs/tasks.md) --
 
 import time  # noqa: E402
 

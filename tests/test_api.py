@@ -1,4 +1,4 @@
-"""The public Python API of SPEC §1, as an application uses it."""
+"""The public Python API (docs/design.md#public-api), as an application uses it."""
 
 import json
 import logging

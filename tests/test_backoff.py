@@ -1,4 +1,4 @@
-"""Retry delays (SPEC §11): exponential backoff with jitter through fixed-TTL delay tiers."""
+"""Retry delays (docs/tasks.md#retry-delays): exponential backoff with jitter through fixed-TTL tiers."""
 
 import pytest
 

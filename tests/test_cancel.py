@@ -1,4 +1,4 @@
-"""Cancelling a task before or while it runs (SPEC §4 steps 3 and 8), by every public way."""
+"""Cancelling a task before or while it runs (docs/design.md#cancellation), by every public way."""
 
 import logging
 import uuid

@@ -1,4 +1,4 @@
-"""Beyond one machine (SPEC §14) on the machine's own RabbitMQ: quorum queues, `amqp.hosts`.
+"""Beyond one machine (docs/operations.md) on the machine's own RabbitMQ: quorum queues, `amqp.hosts`.
 
 The cluster itself (a node killed while tasks run, a Redis failover) is in tests_ha/,
 run by `make test-ha`.
@@ -53,12 +53,24 @@ async def test_quorum_queues_run_retry_and_dead_letter_like_classic_ones(worker)
     assert (failed["status"], failed["job_retries"]) == (TaskStatus.ERRORED, 1)
 
 
+@QUORUM
+async def test_quorum_delay_tiers_are_quorum_queues(worker):
+    """A countdown (and a backed-off retry) waits in a delay tier: replicated like the rest."""
+    queue = app_settings["amqp"]["queue"]
+    final = await asyncio.wait_for((await add_task(app.add, 1, 2, _countdown=0.5)).join(), 60)
+    assert final["result"] == 3
+    tiers = {name: kind for name, kind in (await queue_types()).items() if "delay-" in name}
+    assert tiers and set(tiers.values()) == {"quorum"}, tiers
+    # named apart from the classic tiers a classic worker may still use during the switch
+    assert all(name.startswith(f"{queue}-quorum-qdelay-") for name in tiers)
+
+
 async def _counts_are(expected: list[int]) -> bool:
     return list((await queue_counts()).values()) == expected
 
 
 async def test_classic_and_quorum_queues_coexist_while_migrating(guillotina_main):
-    """The migration of the README: quorum workers and publishers start on their own queues
+    """The migration of docs/operations.md: quorum workers and publishers start on their own queues
     while classic workers drain the old ones; neither declaration refuses the other."""
     waiting = await add_task(app.add, 1, 1)  # scheduled before the switch, no worker yet
 

@@ -1,4 +1,4 @@
-"""`g amqp-worker` flags (SPEC §7): --help, --max-running-tasks, its start-up log line."""
+"""`g amqp-worker` flags (docs/operations.md): --help, --max-running-tasks, its start-up log line."""
 
 import re
 

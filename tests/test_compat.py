@@ -1,4 +1,4 @@
-"""The names the original plugin's users import (SPEC §10), used as those users use them.
+"""The names the original plugin's users import (docs/migrating.md), used as those users use them.
 
 Each test imports from the original's module paths, not from where our code lives.
 """
@@ -44,6 +44,7 @@ from guillotina_amqp.utils import (
     metric_measure,
     serialize_request,
 )
+from guillotina_amqp.worker import Worker
 from tests.test_context import enter_container
 from tests.utils import running_worker, wait_for
 
@@ -170,21 +171,24 @@ def test_metric_measure_observes_with_or_without_labels():
 # -- guillotina_amqp.amqp ----------------------------------------------------------------------
 
 
-async def test_get_connection_is_this_loops_publishing_connection(guillotina_main):
-    connection = await get_connection()
-    assert connection.is_open
-    assert await get_connection() is connection
+async def test_get_connection_is_the_originals_tuple_of_this_loops_connection(guillotina_main):
+    channel, transport, protocol = await get_connection()
+    assert channel.is_open and not transport.is_closing()
+    assert await get_connection() == (channel, transport, protocol)  # the same, kept
 
-    channel = await connection.channel()
     found = await channel.queue_declare(get_settings().queue, passive=True)  # declared already
     assert found["queue"] == get_settings().queue
     await add_task("tests.app.add", 1, 2)
-    assert await get_connection() is connection  # add_task published on it
+    assert (await get_connection()).protocol is protocol  # add_task published on it
+
+    await channel.close()
+    again = await get_connection()
+    assert again.channel is not channel and again.channel.is_open and again.protocol is protocol
 
     await remove_connection()
-    assert not connection.is_open
-    again = await get_connection()
-    assert again is not connection and again.is_open
+    assert transport.is_closing()
+    fresh = await get_connection()
+    assert fresh.protocol is not protocol and fresh.channel.is_open
     await remove_connection()
     await remove_connection()  # nothing left to remove: no error
 
@@ -237,6 +241,17 @@ async def test_worker_queue_names(worker):
         f"{queue}-delay",
         f"{queue}-error",
     )
+    # called with a channel, the original's way to count a queue's messages and consumers
+    channel, _, _ = await get_connection()
+    main = await worker.queue_main(channel)
+    assert (main["queue"], main["consumer_count"]) == (queue, 1)
+    assert (await worker.queue_errored(channel))["message_count"] == 0
+
+
+async def test_original_worker_attributes(guillotina_main):
+    worker = Worker()
+    assert worker._max_running == worker.max_size == get_settings().max_running_tasks
+    assert (worker.num_running, worker.total_run, worker.total_errored) == (0, 0, 0)
 
 
 async def test_handle_queued_job_as_a_consumer_callback(worker):
@@ -248,8 +263,7 @@ async def test_handle_queued_job_as_a_consumer_callback(worker):
         await worker.handle_queued_job(channel, body, envelope, properties)
         seen_on_return.append(await TaskState(task_id).get_status())
 
-    connection = await get_connection()
-    channel = await connection.channel()
+    channel, _, protocol = await get_connection()
     side_queue = (await channel.queue_declare("", exclusive=True))["queue"]  # gone with the connection
     await channel.basic_consume(consume, queue_name=side_queue)
     await channel.publish(orjson.dumps(message(task_id)), "", side_queue)
@@ -257,7 +271,7 @@ async def test_handle_queued_job_as_a_consumer_callback(worker):
     await wait_for(lambda: seen_on_return, what="the consumer callback to return")
     assert seen_on_return == [TaskStatus.FINISHED]
     assert await TaskState(task_id).get_result() == 5
-    check = await (await connection.channel()).queue_declare(side_queue, passive=True)
+    check = await (await protocol.channel()).queue_declare(side_queue, passive=True)
     assert check["message_count"] == 0  # acked, not left for redelivery
 
 
@@ -276,13 +290,19 @@ async def test_last_activity_and_check_activity(worker):
     assert worker.exit_code == EXIT_IDLE and worker.failed.is_set()
 
 
-async def test_check_activity_off(guillotina_main):
+async def test_check_activity_off_tracks_activity_and_runs_the_originals_loop(guillotina_main):
     async with running_worker(check_activity=False) as worker:
-        assert not worker.check_activity
-        with pytest.raises(RuntimeError, match="no activity check"):
-            await worker.check_activity()
-        with pytest.raises(RuntimeError, match="no activity check"):
-            worker.last_activity
+        assert not worker.check_activity and worker._activity_task is None
+        assert time.time() - 60 < worker.last_activity <= time.time()  # tracked all the same
+
+        worker.last_activity = idle_since = time.time() - 10
+        # the original's call: a loop with its own pace and limits, owned by the worker once assigned
+        worker._activity_task = asyncio.ensure_future(
+            worker.check_activity(check_every=0.05, noop_after=1, kill_after=500)
+        )
+        await wait_for(lambda: worker.activity.probes_back >= 1, what="the loop's probe to come back")
+        assert worker.last_activity > idle_since
+    assert worker._activity_task.cancelled()  # stopping the worker stopped the loop
 
 
 # -- amqp.connection_factory -------------------------------------------------------------------

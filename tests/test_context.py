@@ -1,4 +1,4 @@
-"""The Guillotina context a task runs in (SPEC §4.6): container, user, request, transaction."""
+"""The context a task runs in (docs/design.md#running-a-task): container, user, request, transaction."""
 
 import json
 import uuid

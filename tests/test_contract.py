@@ -1,4 +1,4 @@
-"""The fixed contract of SPEC §2 (settings defaults) and §3 (queues and messages).
+"""The fixed contract: docs/settings.md (defaults), docs/design.md#queues and #messages.
 
 Applications and workers of the original plugin must keep working, so these
 values are written out literally here rather than taken from the package.
@@ -19,7 +19,7 @@ from tests import app
 from tests.test_context import TOKEN_USERS, bearer, enter_container
 from tests.utils import publish_raw, running_worker, wait_for
 
-#: SPEC §2: every default of the `amqp` block, plus the ones we added.
+#: docs/settings.md: every default of the `amqp` block, plus the ones we added.
 SPEC_DEFAULTS = {
     "connection_factory": "aioamqp.connect",
     "host": "localhost",
@@ -37,7 +37,7 @@ SPEC_DEFAULTS = {
     "delayed_ttl_ms": 120000,
     "errored_ttl_ms": 604800000,
     "beaconttl": 30,
-    # ours (SPEC §4, §6)
+    # ours (docs/design.md#the-life-of-one-message, #liveness)
     "noop_after": 200,
     "kill_after": 300,
     "shutdown_timeout": 30,
@@ -46,10 +46,10 @@ SPEC_DEFAULTS = {
     # ours (limits on hostile input, issue 16)
     "max_message_bytes": 1048576,
     "max_eventlog": 1000,
-    # ours (beyond one machine, SPEC §14)
+    # ours (beyond one machine, docs/operations.md#production-topology)
     "hosts": (),
     "queue_type": "classic",
-    # ours (task control, SPEC §11)
+    # ours (task control, docs/tasks.md)
     "task_timeout": None,
     "retry_backoff": False,
     "retry_backoff_max_ms": 3600000,
@@ -84,7 +84,7 @@ async def test_defaults_of_a_minimal_amqp_block(guillotina_main, monkeypatch):
 
 
 def test_the_add_on_publishes_every_default_in_app_settings():
-    # SPEC §10: `app_settings["amqp"]` carries every default, as the original's did
+    # docs/migrating.md: `app_settings["amqp"]` carries every default, as the original's did
     security = {
         "allowed_tasks": None,
         "signing_key": None,
@@ -133,7 +133,7 @@ async def broker():
 
 
 def spec_queues(exchange: str, queue: str) -> dict[str, dict]:
-    """SPEC §3, literally: queue name -> its declaration arguments."""
+    """docs/design.md#queues, literally: queue name -> its declaration arguments."""
     return {
         queue: {"x-dead-letter-exchange": exchange, "x-dead-letter-routing-key": f"{queue}-error"},
         f"{queue}-delay": {
@@ -154,7 +154,7 @@ async def assert_refused(protocol, declare, code: int = 406) -> None:
 
 
 async def assert_spec_topology(protocol, exchange: str, queue: str) -> None:
-    """Re-declaring (actively) with the SPEC's arguments succeeds; other arguments are refused."""
+    """Re-declaring (actively) with the original's arguments succeeds; other arguments are refused."""
     expected = spec_queues(exchange, queue)
     channel = await protocol.channel()
     # RabbitMQ refuses an active re-declaration that differs in any way, so success = equality

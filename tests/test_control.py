@@ -1,4 +1,4 @@
-"""Task control (SPEC §11): time limits, retry limits, and the exceptions a task steers with."""
+"""Task control (docs/tasks.md): time limits, retry limits, and the exceptions a task steers with."""
 
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""Deferred starts (SPEC §12): `_countdown` / `_eta` wait in the broker's delay tiers."""
+"""Deferred starts (docs/tasks.md): `_countdown` / `_eta` wait in the broker's delay tiers."""
 
 import time
 from datetime import datetime, timedelta, timezone

@@ -1,4 +1,4 @@
-"""A worker killed mid-task loses nothing: the broker redelivers, another worker finishes it (SPEC §8b)."""
+"""A worker killed mid-task loses nothing: another worker finishes it (docs/design.md#redelivery)."""
 
 import asyncio
 import signal

@@ -1,4 +1,4 @@
-"""The @amqp-dashboard page in a real browser: the OS Chromium driven by Playwright (SPEC §13).
+"""The @amqp-dashboard page in a real browser: the OS Chromium driven by Playwright (docs/operations.md).
 
 Guillotina serves over HTTP (uvicorn) in the test's process and loop; a worker runs in
 the same loop, or in a subprocess where a test kills it. Nothing here reloads the page:

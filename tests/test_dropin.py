@@ -1,4 +1,4 @@
-"""Moving from the original plugin without losing a run (SPEC §10).
+"""Moving from the original plugin without losing a run (docs/migrating.md).
 
 Given what an application of the original does (reuse a task id, leave JSON-string
 state in Redis, return results JSON cannot hold, delete a container), when our
@@ -151,7 +151,7 @@ async def test_a_message_queued_by_the_original_runs_once_and_its_state_is_taken
 async def test_an_original_worker_on_our_queue_is_reported_and_its_run_kept(
     worker, manager, tmp_path, caplog
 ):
-    """Rolling upgrades with original workers consuming our messages are refused loudly (README)."""
+    """Rolling upgrades with original workers consuming our messages are refused loudly: docs/migrating.md."""
     marker = tmp_path / "runs"
     state = await add_task(app.write_marker, str(marker), "ours")
     final = await state.join()

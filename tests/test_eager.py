@@ -1,4 +1,4 @@
-"""Eager mode (SPEC §11): add_task runs the task in the calling process; no RabbitMQ at all."""
+"""Eager mode (docs/tasks.md#eager-mode): add_task runs the task in the calling process; no RabbitMQ."""
 
 import asyncio
 import json

@@ -1,4 +1,4 @@
-"""Task events (SPEC §11), received in order by the subscribers registered in tests/app.py."""
+"""Task events (docs/tasks.md#events), received in order by the subscribers registered in tests/app.py."""
 
 import logging
 

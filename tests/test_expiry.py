@@ -1,4 +1,4 @@
-"""`_expires` (SPEC §12): a task not started by its deadline never runs; it ends canceled."""
+"""`_expires` (docs/tasks.md#expiry): a task not started by its deadline never runs; it ends canceled."""
 
 import time
 from datetime import datetime, timedelta, timezone

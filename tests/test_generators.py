@@ -1,4 +1,4 @@
-"""Async-generator tasks report progress (DEBUG) and results (RESULT) (SPEC §1)."""
+"""Async-generator tasks report progress (DEBUG) and results (RESULT) (README)."""
 
 from datetime import datetime
 

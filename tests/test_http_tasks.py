@@ -1,4 +1,4 @@
-"""HTTP tasks against a real HTTP server on a free loopback port (SPEC §15)."""
+"""HTTP tasks against a real HTTP server on a free loopback port (docs/tasks.md#http-tasks)."""
 
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""The per-container task index and worker presence, the same on both state managers (SPEC §13)."""
+"""The per-container task index and worker presence, the same on both state managers (docs/design.md)."""
 
 import asyncio
 import uuid

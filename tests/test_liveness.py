@@ -1,4 +1,4 @@
-"""Liveness (SPEC §6): beacons, the activity check and the loop watchdog make a useless worker exit.
+"""Liveness (docs/design.md#liveness): beacons, activity check and loop watchdog make a useless worker exit.
 
 Real `g amqp-worker` processes; what the tests observe is their log, the
 tasks they still run, and their exit codes (guillotina_amqp.liveness.EXIT_*).

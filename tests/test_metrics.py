@@ -1,4 +1,4 @@
-"""`g amqp-worker --metrics-server --port P` serves Prometheus /metrics (SPEC §7);
+"""`g amqp-worker --metrics-server --port P` serves Prometheus /metrics (docs/operations.md#metrics);
 without prometheus-client the worker still runs and says metrics are off."""
 
 import re

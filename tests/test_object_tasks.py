@@ -1,4 +1,4 @@
-"""Object tasks: the worker re-loads the object by its path and calls the task on it (SPEC §1)."""
+"""Object tasks: the worker re-loads the object by its path and calls the task on it (README)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Plain `def` tasks off the event loop (SPEC §12): `run_in="thread"` and `run_in="process"`."""
+"""Plain `def` tasks off the event loop (docs/tasks.md): `run_in="thread"` and `run_in="process"`."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""REST behind the dashboard and the `g amqp-tasks` command, on real services (SPEC §13)."""
+"""REST behind the dashboard and the `g amqp-tasks` command, on real services (docs/operations.md)."""
 
 import asyncio
 import json

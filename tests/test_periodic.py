@@ -1,4 +1,4 @@
-"""Periodic tasks (SPEC §12): fired by the workers, once per period however many run."""
+"""Periodic tasks (docs/tasks.md#periodic-tasks): fired by the workers, once per period however many run."""
 
 import signal
 

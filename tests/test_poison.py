@@ -1,4 +1,4 @@
-"""Poison messages go to the error queue with one clear log line; the worker keeps consuming (SPEC §9)."""
+"""Poison messages: error queue, one clear log line, the worker keeps consuming (docs/design.md)."""
 
 import logging
 import uuid

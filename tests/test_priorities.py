@@ -1,4 +1,4 @@
-"""Priorities: `_priority=0..9` and `@task(priority=)` (SPEC §12)."""
+"""Priorities: `_priority=0..9` and `@task(priority=)` (docs/tasks.md#priorities)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (SPEC §15)."""
+"""Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (docs/tasks.md#named-queues)."""
 
 import pytest
 
@@ -92,6 +92,13 @@ async def test_decorated_task_goes_to_its_queue_and_only_its_workers_run_it(guil
     assert final["status"] == TaskStatus.FINISHED
     assert final["result"] == 3
     assert final["job_data"]["queue"] == named["A"]
+
+
+async def test_a_worker_announces_the_queues_it_consumes(guillotina_main, named):
+    async with running_worker(queues=[named["A"], named["B"]]) as worker:
+        await worker.presence.announce()
+        [announced] = await worker.state_manager.workers()
+    assert announced["queue"] == f"{named['A']}, {named['B']}"
 
 
 async def test_a_call_overrides_the_decorators_queue(guillotina_main, named):

@@ -1,4 +1,4 @@
-"""Worker recycling and load (SPEC §12): --max-tasks, --max-run-time, --max-load."""
+"""Worker recycling and load (docs/operations.md): --max-tasks, --max-run-time, --max-load."""
 
 from collections import Counter
 

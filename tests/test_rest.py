@@ -1,4 +1,4 @@
-"""REST services on containers: @amqp-tasks and its deprecated aliases (SPEC §7)."""
+"""REST services on containers: @amqp-tasks and its deprecated aliases (docs/operations.md#rest-api)."""
 
 import json
 

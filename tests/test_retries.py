@@ -1,4 +1,4 @@
-"""A failing task is retried through the delay queue, then dead-lettered (SPEC §4 step 9)."""
+"""A failing task is retried through the delay queue, then dead-lettered (docs/design.md#retries)."""
 
 import logging
 

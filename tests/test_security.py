@@ -1,4 +1,4 @@
-"""Security (SPEC §9, issue 5): each test attempts an attack or a leak and asserts it failed safely.
+"""Security (docs/security.md, issue 5): each test attempts an attack or a leak and asserts it failed safely.
 
 - only registered/allowed functions run; refused ones are never imported nor called;
 - with a signing key, unsigned, tampered and retired-key messages are refused;

@@ -1,4 +1,4 @@
-"""A worker configured by environment variables alone, as in a container (SPEC §15).
+"""A worker configured by environment variables alone, as in a container (docs/settings.md).
 
 guillotina reads `G_AMQP__MAX_TASK_RETRIES=1` into `amqp.max_task_retries` as the
 string "1"; the worker must read it as the number, and stop at start-up, naming

@@ -1,4 +1,4 @@
-"""Graceful shutdown (SPEC §9): SIGTERM/SIGINT let running tasks finish up to
+"""Graceful shutdown (docs/design.md#shutdown): SIGTERM/SIGINT let running tasks finish up to
 amqp.shutdown_timeout; what still runs then is left unacked and redelivered."""
 
 import asyncio

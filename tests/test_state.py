@@ -1,4 +1,4 @@
-"""One contract suite for both state managers (SPEC §5, §8b), plus Redis-only resilience.
+"""One contract suite for both state managers (docs/design.md#state-in-redis), plus Redis-only resilience.
 
 Every contract test runs against the memory and the Redis manager: whatever a
 worker or the REST API observes must not depend on which one is configured.

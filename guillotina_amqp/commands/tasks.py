@@ -1,4 +1,4 @@
-"""`g amqp-tasks`: tasks, workers, queues and dead letters from the command line (SPEC §13).
+"""`g amqp-tasks`: tasks, workers, queues and dead letters from the command line (docs/operations.md).
 
 Aligned text tables for people, `--json` for scripts. An unknown id or a refused
 operation exits 1 with a one-line reason on stderr. Put `-c config.yaml` before the action.

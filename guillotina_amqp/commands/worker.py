@@ -38,7 +38,7 @@ FAILED_STOP_TIMEOUT = 10
 _STARTUP_ERRORS: tuple[type[Exception], ...] = (AMQPError, *CONNECTION_ERRORS)
 
 
-#: Recycling and load (SPEC §12): flag, type (a value above 0), help.
+#: Recycling and load (docs/operations.md#recycling-and-load): flag, type (a value above 0), help.
 RECYCLING_FLAGS = (
     ("--max-tasks", int, "claim at most this many tasks, finish them, give back the rest and exit 0"),
     (
@@ -147,7 +147,7 @@ def _positive(kind: type) -> Any:
 async def serve(worker: Worker, max_run_time: float | None = None) -> int:
     """Run `worker` until a signal (graceful shutdown, exit 0) or a failed liveness check.
 
-    Recycling (SPEC §12) shuts down gracefully too, exit 0: once the worker ran its
+    Recycling (docs/operations.md) shuts down gracefully too, exit 0: once the worker ran its
     --max-tasks, or after `max_run_time` seconds.
     """
     loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""The operations dashboard (SPEC §13): one page and its assets, served from this package,
+"""The operations dashboard (docs/operations.md): one page and its assets, served from this package,
 and the stream of task changes it listens to.
 
 The page and its assets hold no data: everything shown comes from the REST services

@@ -1,4 +1,4 @@
-"""Task state: statuses, the TaskState handle and the state managers (SPEC §1, §5)."""
+"""Task state: statuses, the TaskState handle and the state managers (docs/design.md#state-in-redis)."""
 
 from guillotina_amqp.state.manager import Claim, StateManager, get_state_manager
 from guillotina_amqp.state.memory import MemoryStateManager

@@ -1,4 +1,4 @@
-"""What the worker asks of a state manager beyond SPEC §5, and how to find one."""
+"""What the worker asks of a state manager beyond the original's, and how to find one."""
 
 import abc
 import asyncio
@@ -89,8 +89,8 @@ class Watch:
 
 @implementer(IStateManagerUtility)
 class StateManager(Operations, abc.ABC):
-    """SPEC §5 plus the atomic steps the worker's hot path needs (one round trip each),
-    and the operations' index and presence (SPEC §13)."""
+    """The original's interface plus the atomic steps the worker's hot path needs (one round trip each),
+    and the operations' index and presence (docs/design.md#state-in-redis)."""
 
     def __init__(self) -> None:
         self.worker_id = uuid.uuid4().hex
@@ -150,10 +150,17 @@ class StateManager(Operations, abc.ABC):
     async def finalize(self) -> None:
         """Drop connections and background listeners."""
 
+    async def _clean(self) -> None:
+        """Forget every task, lock, cancellation and index entry under this manager's prefix.
+
+        For tests (the original plugin's suites call it between cases); never for production.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be cleaned")
+
     async def adopt_legacy(self) -> None:
         """Take over (and index) every state the original plugin left; a no-op where there is none."""
 
-    # -- periodic tasks (SPEC §12) ------------------------------------------
+    # -- periodic tasks (docs/design.md#periodic-tasks) -------------------
     @abc.abstractmethod
     async def claim_period(self, name: str, period: int, ttl: float, token: str) -> bool:
         """Whether we (`token`) are the one worker firing periodic task `name` for `period`:
@@ -163,7 +170,7 @@ class StateManager(Operations, abc.ABC):
     async def release_period(self, name: str, period: int) -> None:
         """Give a claimed period back (firing it failed): another worker may fire it."""
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     @abc.abstractmethod
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None: ...
 

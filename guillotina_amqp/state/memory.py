@@ -26,61 +26,22 @@ from guillotina_amqp.state.memory_operations import MemoryOperations
 from guillotina_amqp.state.status import DONE_STATUSES, TaskStatus
 
 
-class _Expiring(dict):
-    """key -> (value, deadline or None); reads skip and drop expired entries."""
-
-    def live(self, key: str) -> Any:
-        entry = self.get(key)
-        if entry is None:
-            return None
-        value, deadline = entry
-        if deadline is not None and deadline <= time.monotonic():
-            del self[key]
-            return None
-        return value
-
-    def put(self, key: str, value: Any, ttl: float | None) -> None:
-        self[key] = (value, time.monotonic() + ttl if ttl else None)
-
-    def merge(self, key: str, fields: dict[str, Any], ttl: float | None) -> dict[str, Any]:
-        """Merge `fields` into the dict at `key`; `ttl` None keeps the current expiry, as Redis HSET does."""
-        current = self.live(key)
-        merged = {**(current or {}), **fields}
-        if ttl is None and current is not None:
-            self[key] = (merged, self[key][1])
-        else:
-            self.put(key, merged, ttl)
-        return merged
-
-    def expire(self, key: str, ttl: float | None) -> None:
-        if self.live(key) is not None:
-            self.put(key, self[key][0], ttl)
-
-    def persist(self, key: str) -> None:
-        self.expire(key, None)
-
-
 @configure.utility(provides=IStateManagerUtility, name="memory")
 class MemoryStateManager(MemoryOperations, StateManager):
-    def __init__(self) -> None:
-        super().__init__()
-        self._states = _Expiring()
-        self._locks = _Expiring()
-        self._canceled: dict[str, float] = {}
-        self._watches: dict[str, set[Watch]] = {}
-        self._periods = _Expiring()
+    async def _clean(self) -> None:
+        self._space.clear()
 
     def _changed(self, task_id: str) -> None:
-        for watch in self._watches.get(task_id, ()):
+        for watch in self._space.watches.get(task_id, ()):
             watch.event.set()
 
     def _merge(self, task_id: str, data: dict[str, Any], ttl: float | None) -> dict[str, Any]:
         # values are stored JSON-encoded, as in Redis: the same types come back, unserializable
         # values fail the same way, and callers never share mutable values with the store
         fields = {key: _encoded(key, value) for key, value in data.items()}
-        if not fields and self._states.live(task_id) is None:
+        if not fields and self._space.states.live(task_id) is None:
             return {}  # Redis has no empty hashes: a state without fields does not exist
-        state = _decoded(self._states.merge(task_id, fields, ttl))
+        state = _decoded(self._space.states.merge(task_id, fields, ttl))
         if "status" in data:
             self._changed(task_id)
         if "eventlog" in data and "status" not in data:
@@ -89,7 +50,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
 
     def _run_of(self, task_id: str) -> str | None:
         """The run of the stored state ("" for a state without one); None without a state."""
-        fields = self._states.live(task_id)
+        fields = self._space.states.live(task_id)
         if fields is None:
             return None
         return orjson.loads(fields["run"]) if "run" in fields else ""
@@ -101,7 +62,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
         if current is not None:
             if current >= data.get("run", ""):
                 return False
-            del self._states[task_id]  # an earlier run of a reused id: this one starts anew
+            del self._space.states[task_id]  # an earlier run of a reused id: this one starts anew
         self._merge(task_id, data, None)
         await self.index(task_id)
         return True
@@ -117,25 +78,25 @@ class MemoryStateManager(MemoryOperations, StateManager):
         if current is not None and current > run:
             return Claim(STALE)
         if current is not None and current < run:
-            if self._locks.live(task_id) is not None:
+            if self._space.locks.live(task_id) is not None:
                 return Claim(LOCKED)
-            del self._states[task_id]
+            del self._space.states[task_id]
         await self.create(task_id, initial_state(run))
         state = await self.get(task_id)
         if _ended(state):
             # a late cancel of a task that already ended changes nothing (and is forgotten)
-            self._canceled.pop(task_id, None)
+            self._space.canceled.pop(task_id, None)
             return Claim(DONE, status=state.get("status"))
-        if self._locks.live(task_id) is not None:
+        if self._space.locks.live(task_id) is not None:
             # the cancel is left for the worker running the task (its status loop acts on it)
             return Claim(LOCKED)
-        if self._canceled.pop(task_id, None) is not None:
+        if self._space.canceled.pop(task_id, None) is not None:
             self._merge(task_id, {"status": TaskStatus.CANCELED}, self.state_ttl)
             return Claim(CANCELED)
-        self._locks.put(task_id, owner or self.worker_id, lock_ttl)
+        self._space.locks.put(task_id, owner or self.worker_id, lock_ttl)
         running = {"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()}
         state = self._merge(task_id, running, None)
-        self._states.persist(task_id)  # a live state never expires
+        self._space.states.persist(task_id)  # a live state never expires
         return Claim(CLAIMED, state.get("job_retries") or 0)
 
     async def finish(
@@ -147,8 +108,8 @@ class MemoryStateManager(MemoryOperations, StateManager):
         run: str | None = None,
         only_open: bool = False,
     ) -> bool:
-        if self._locks.live(task_id) == (owner or self.worker_id):
-            del self._locks[task_id]
+        if self._space.locks.live(task_id) == (owner or self.worker_id):
+            del self._space.locks[task_id]
         current = self._run_of(task_id)
         if current is not None and (
             (run is not None and current != run) or (only_open and _ended(await self.get(task_id)))
@@ -159,7 +120,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
         return True
 
     async def append_event(self, task_id: str, entry: list, limit: int) -> None:
-        fields = self._states.live(task_id)
+        fields = self._space.states.live(task_id)
         if fields is None:
             return
         events = fields.setdefault("eventlog", [])
@@ -168,38 +129,38 @@ class MemoryStateManager(MemoryOperations, StateManager):
         self.notify(task_id)  # progress, live on the dashboard
 
     async def canceled_among(self, task_ids: Iterable[str]) -> set[str]:
-        return {task_id for task_id in task_ids if task_id in self._canceled}
+        return {task_id for task_id in task_ids if task_id in self._space.canceled}
 
     async def refresh_locks(self, task_ids: Iterable[str], ttl: int, owner: str | None = None) -> None:
         for task_id in task_ids:
-            if self._locks.live(task_id) == (owner or self.worker_id):
-                self._locks.expire(task_id, ttl)
+            if self._space.locks.live(task_id) == (owner or self.worker_id):
+                self._space.locks.expire(task_id, ttl)
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
         watch = Watch()
-        self._watches.setdefault(task_id, set()).add(watch)
+        self._space.watches.setdefault(task_id, set()).add(watch)
         try:
             yield watch
         finally:
-            watchers = self._watches[task_id]
+            watchers = self._space.watches[task_id]
             watchers.discard(watch)
             if not watchers:
-                del self._watches[task_id]
+                del self._space.watches[task_id]
 
     async def claim_period(self, name: str, period: int, ttl: float, token: str) -> bool:
         key = f"{name}:{period}"
-        if self._periods.live(key) is None:
-            self._periods.put(key, token, ttl)
-        return self._periods.live(key) == token
+        if self._space.periods.live(key) is None:
+            self._space.periods.put(key, token, ttl)
+        return self._space.periods.live(key) == token
 
     async def release_period(self, name: str, period: int) -> None:
-        self._periods.pop(f"{name}:{period}", None)
+        self._space.periods.pop(f"{name}:{period}", None)
 
-    # -- SPEC §5 ------------------------------------------------------------
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
-        if ttl is None and self._states.live(task_id) is None:
+        if ttl is None and self._space.states.live(task_id) is None:
             ttl = self.state_ttl  # a state made by update() alone expires like an ended one
         self._merge(task_id, data, ttl)
         await self.index(task_id)
@@ -207,30 +168,30 @@ class MemoryStateManager(MemoryOperations, StateManager):
     async def get(self, task_id: str) -> dict[str, Any]:
         if not is_valid_task_id(task_id):
             return {}
-        return _decoded(self._states.live(task_id) or {})
+        return _decoded(self._space.states.live(task_id) or {})
 
     async def exists(self, task_id: str) -> bool:
-        return is_valid_task_id(task_id) and self._states.live(task_id) is not None
+        return is_valid_task_id(task_id) and self._space.states.live(task_id) is not None
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
-        for task_id in list(self._states):
-            if task_id.startswith(prefix) and self._states.live(task_id) is not None:
+        for task_id in list(self._space.states):
+            if task_id.startswith(prefix) and self._space.states.live(task_id) is not None:
                 yield task_id
 
     async def acquire(self, task_id: str, ttl: int) -> bool:
-        if self._locks.live(task_id) is not None:
+        if self._space.locks.live(task_id) is not None:
             raise TaskAlreadyAcquired(task_id)
-        self._locks.put(task_id, self.worker_id, ttl)
+        self._space.locks.put(task_id, self.worker_id, ttl)
         return True
 
     async def is_locked(self, task_id: str) -> bool:
-        return self._locks.live(task_id) is not None
+        return self._space.locks.live(task_id) is not None
 
     async def is_mine(self, task_id: str) -> bool:
-        return self._locks.live(task_id) == self.worker_id
+        return self._space.locks.live(task_id) == self.worker_id
 
     def _check_owner(self, task_id: str) -> bool:
-        owner = self._locks.live(task_id)
+        owner = self._space.locks.live(task_id)
         if owner is None:
             return False
         if owner != self.worker_id:
@@ -239,29 +200,29 @@ class MemoryStateManager(MemoryOperations, StateManager):
 
     async def release(self, task_id: str) -> bool:
         if self._check_owner(task_id):
-            del self._locks[task_id]
+            del self._space.locks[task_id]
             return True
         return False
 
     async def refresh_lock(self, task_id: str, ttl: int) -> bool:
         if self._check_owner(task_id):
-            self._locks.expire(task_id, ttl)
+            self._space.locks.expire(task_id, ttl)
             return True
         return False
 
     async def cancel(self, task_id: str) -> bool:
-        self._canceled[task_id] = time.time()
+        self._space.canceled[task_id] = time.time()
         return True
 
     async def cancelation_list(self) -> AsyncIterator[str]:
-        for task_id in list(self._canceled):
+        for task_id in list(self._space.canceled):
             yield task_id
 
     async def clean_canceled(self, task_id: str) -> bool:
-        return self._canceled.pop(task_id, None) is not None
+        return self._space.canceled.pop(task_id, None) is not None
 
     async def is_canceled(self, task_id: str) -> bool:
-        return task_id in self._canceled
+        return task_id in self._space.canceled
 
 
 def _encoded(key: str, value: Any) -> Any:

@@ -6,6 +6,8 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable
 
 from guillotina_amqp import names
+from guillotina_amqp.settings import get_settings
+from guillotina_amqp.state.memory_space import MemorySpace
 from guillotina_amqp.state.operations import Operations, Position, after_position
 
 
@@ -17,20 +19,18 @@ class MemoryOperations(Operations):
         @property
         def state_ttl(self) -> int: ...
 
-    def __init__(self) -> None:
-        super().__init__()
-        # key -> {task id: score}; key is (container, status or None)
-        self._index: dict[tuple[str, str | None], dict[str, float]] = {}
-        self._times: dict[str, dict[str, float]] = {}
-        self._listeners: dict[str, set[asyncio.Queue]] = {}
-        self._workers: dict[str, tuple[dict[str, Any], float]] = {}
+    @property
+    def _space(self) -> MemorySpace:
+        """This process's state under the current prefix, shared by every manager of the process
+        (as every client of one Redis server shares its keys)."""
+        return MemorySpace.of(get_settings().redis_prefix_key)
 
     get: Callable[[str], Awaitable[dict[str, Any]]]
 
     def notify(self, task_id: str) -> None:
         """Tell the listeners of the task's container that its state changed."""
         container = names.container_of(task_id)
-        for queue in self._listeners.get(container or "", ()):
+        for queue in self._space.listeners.get(container or "", ()):
             queue.put_nowait(task_id)
 
     async def index(self, task_id: str) -> None:
@@ -40,14 +40,14 @@ class MemoryOperations(Operations):
         status = (await self.get(task_id)).get("status")
         if status not in names.INDEXED_STATUSES:
             return
-        if task_id in self._index.get((container, status), {}):
+        if task_id in self._space.index.get((container, status), {}):
             return
         now = time.time()
-        self._index.setdefault((container, None), {}).setdefault(task_id, now)
+        self._space.index.setdefault((container, None), {}).setdefault(task_id, now)
         for other in names.INDEXED_STATUSES:
-            self._index.get((container, other), {}).pop(task_id, None)
-        self._index.setdefault((container, status), {})[task_id] = now
-        times = self._times.setdefault(task_id, {})
+            self._space.index.get((container, other), {}).pop(task_id, None)
+        self._space.index.setdefault((container, status), {})[task_id] = now
+        times = self._space.times.setdefault(task_id, {})
         times.setdefault("created", now)
         if status == "scheduled":
             times.pop("started", None)
@@ -64,36 +64,36 @@ class MemoryOperations(Operations):
         cutoffs: dict[str | None, float] = {None: now - 2 * self.state_ttl}
         cutoffs.update({status: now - self.state_ttl for status in names.DONE_INDEXED})
         for status, cutoff in cutoffs.items():
-            entries = self._index.get((container, status), {})
+            entries = self._space.index.get((container, status), {})
             for task_id in [task_id for task_id, score in entries.items() if score <= cutoff]:
                 del entries[task_id]
                 if status is None:
-                    self._times.pop(task_id, None)
+                    self._space.times.pop(task_id, None)
 
     async def index_page(
         self, container: str, status: str | None, after: Position | None, count: int
     ) -> list[Position]:
-        entries = self._index.get((container, status), {})
+        entries = self._space.index.get((container, status), {})
         ordered = sorted(((score, task_id) for task_id, score in entries.items()), reverse=True)
         return [position for position in ordered if after_position(position, after)][:count]
 
     async def index_counts(self, container: str, status: str, edges: list[float]) -> list[int]:
-        scores = list(self._index.get((container, status), {}).values())
+        scores = list(self._space.index.get((container, status), {}).values())
         return [sum(low <= score < high for score in scores) for low, high in zip(edges, edges[1:])]
 
     async def index_entries(self, task_ids: list[str]) -> list[tuple[dict[str, Any], dict[str, float]]]:
-        return [(await self.get(task_id), dict(self._times.get(task_id, {}))) for task_id in task_ids]
+        return [(await self.get(task_id), dict(self._space.times.get(task_id, {}))) for task_id in task_ids]
 
     async def unindex(self, container: str, task_ids: Iterable[str]) -> None:
         for task_id in list(task_ids):
             for status in (None, *names.INDEXED_STATUSES):
-                self._index.get((container, status), {}).pop(task_id, None)
-            self._times.pop(task_id, None)
+                self._space.index.get((container, status), {}).pop(task_id, None)
+            self._space.times.pop(task_id, None)
 
     @contextlib.asynccontextmanager
     async def changes(self, container: str) -> AsyncIterator[AsyncIterator[str]]:
         queue: asyncio.Queue = asyncio.Queue()
-        self._listeners.setdefault(container, set()).add(queue)
+        self._space.listeners.setdefault(container, set()).add(queue)
 
         async def changed() -> AsyncIterator[str]:
             while True:
@@ -102,16 +102,16 @@ class MemoryOperations(Operations):
         try:
             yield changed()
         finally:
-            self._listeners[container].discard(queue)
+            self._space.listeners[container].discard(queue)
 
     async def announce(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
-        self._workers[worker_id] = (dict(info), time.monotonic() + ttl)
+        self._space.workers[worker_id] = (dict(info), time.monotonic() + ttl)
 
     async def retire(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+        self._space.workers.pop(worker_id, None)
 
     async def workers(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        for worker_id in [w for w, (_, deadline) in self._workers.items() if deadline <= now]:
-            del self._workers[worker_id]
-        return [dict(info) for info, _ in self._workers.values()]
+        for worker_id in [w for w, (_, deadline) in self._space.workers.items() if deadline <= now]:
+            del self._space.workers[worker_id]
+        return [dict(info) for info, _ in self._space.workers.values()]

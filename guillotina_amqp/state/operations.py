@@ -1,4 +1,4 @@
-"""What operations (SPEC §13) ask of a state manager: a per-container task index and worker presence.
+"""What operations (docs/design.md) ask of a state manager: a per-container task index, worker presence.
 
 The index is one sorted set per container of every task id scored by creation time,
 and one per status scored by when the task reached it, so that a page of a

@@ -534,7 +534,15 @@ class RedisStateManager(RedisOperations, StateManager):
             await self._client.aclose()  # ours, not guillotina's (which knows no password or TLS)
             self._client = None
 
-    # -- SPEC §5 ------------------------------------------------------------
+    async def _clean(self) -> None:
+        if not self.prefix:
+            raise ValueError("redis_prefix_key is empty: cleaning would empty the whole database")
+        client = await self.client()
+        keys = [key async for key in client.scan_iter(match=_glob_escape(self.prefix) + "*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+
+    # -- IStateManagerUtility, as the original plugin had it --------------
     async def update(self, task_id: str, data: dict[str, Any], ttl: int | None = None) -> None:
         check_task_id(task_id)
         fields = dict(data)

@@ -1,4 +1,4 @@
-"""The container index and worker presence kept in Redis (SPEC §13), one script per write.
+"""The container index and worker presence kept in Redis (docs/design.md#keys), one script per write.
 
 Keys (all under `<prefix>meta:`, see guillotina_amqp.names): `meta:index:all:<container>`
 and `meta:index:<status>:<container>` sorted sets, `meta:times:<task_id>` hashes (when the task

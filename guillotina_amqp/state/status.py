@@ -1,5 +1,5 @@
 class TaskStatus:
-    """The statuses a task goes through (SPEC §1)."""
+    """The statuses a task goes through (docs/design.md#state-in-redis)."""
 
     SCHEDULED = "scheduled"
     CANCELED = "canceled"

@@ -1,4 +1,4 @@
-"""TaskState: a handle on one task's state (SPEC §1)."""
+"""TaskState: a handle on one task's state (docs/design.md#public-api)."""
 
 import asyncio
 from typing import Any, Callable

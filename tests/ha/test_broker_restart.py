@@ -1,4 +1,4 @@
-"""SPEC §12: a countdown lives in the broker, so a broker restart neither loses nor advances it.
+"""A countdown lives in the broker, so a broker restart neither loses nor advances it (docs/tasks.md).
 
 Runs on the standalone node of scripts/ha-engines.sh (solo@localhost, AMQP 5704): the
 machine's own node on 5672 serves every other test and is never restarted. `make test-ha`

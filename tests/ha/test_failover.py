@@ -1,4 +1,4 @@
-"""SPEC §14 on real engines: a RabbitMQ node and the Redis master die while tasks run.
+"""The HA topology (docs/operations.md) on real engines: a RabbitMQ node and the Redis master die.
 
 Needs the engines of scripts/ha-engines.sh (ports below); `make test-ha` starts them,
 runs this module and stops them. Nodes are killed with SIGKILL, as a crash would.
