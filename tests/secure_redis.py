@@ -37,9 +37,9 @@ def _free_ports(count: int) -> list[int]:
     raise RuntimeError(f"no {count} free ports in {PORTS.start}-{PORTS.stop - 1} for the test Redis servers")
 
 
-#: password and ACL user; TLS only, with a password and a client certificate; a master that
-#: wants the password, and the Sentinel that watches it
-AUTH_PORT, TLS_PORT, SENTINEL_MASTER_PORT, SENTINEL_PORT = _free_ports(4)
+#: password and ACL user; TLS only, with a password and a client certificate; a Sentinel that
+#: watches the first as its master
+AUTH_PORT, TLS_PORT, SENTINEL_PORT = _free_ports(3)
 SENTINEL_MASTER = "secure-master"
 #: random per run, so a test can look for them anywhere they must not be
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -132,17 +132,14 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory, certificates: Path) -> I
 
 
 @pytest.fixture(scope="session")
-def sentinel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A master that wants PASSWORD, watched as SENTINEL_MASTER by one Sentinel (its port)."""
-    directory = tmp_path_factory.mktemp("sentinel-redis")
-    master = ["--port", str(SENTINEL_MASTER_PORT), "--requirepass", PASSWORD]
+def sentinel_redis(tmp_path_factory: pytest.TempPathFactory, auth_redis: int) -> Iterator[int]:
+    """A Sentinel watching the password server as SENTINEL_MASTER (it knows the password)."""
+    directory = tmp_path_factory.mktemp("sentinel")
     # Sentinel rewrites its file with what it learns: one of its own
     config = directory / "sentinel.conf"
     config.write_text(
-        f"port {SENTINEL_PORT}\nbind 127.0.0.1\ndir {directory}\n"
-        f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {SENTINEL_MASTER_PORT} 1\n"
+        f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {auth_redis} 1\n"
         f"sentinel auth-pass {SENTINEL_MASTER} {PASSWORD}\n"
     )
-    with _server(SENTINEL_MASTER_PORT, directory / "master", *master):
-        with _server(SENTINEL_PORT, directory / "sentinel", "--sentinel", config=config):
-            yield SENTINEL_PORT
+    with _server(SENTINEL_PORT, directory, "--port", str(SENTINEL_PORT), "--sentinel", config=config):
+        yield SENTINEL_PORT

@@ -21,7 +21,6 @@ from tests.secure_redis import (
     CERTS,
     PASSWORD,
     SENTINEL_MASTER,
-    SENTINEL_MASTER_PORT,
     SENTINEL_PORT,
     TLS_PORT,
     USER_PASSWORD,
@@ -40,6 +39,8 @@ AUTH_BLOCKS = {
     # the url wins over host and port: nothing listens on port 1
     "url": redis_block(1, url=f"redis://{USERNAME}:{USER_PASSWORD}@127.0.0.1:{AUTH_PORT}/3"),
 }
+#: the database each block names
+AUTH_DBS = {"password-and-db": 2, "acl-user": 0, "url": 3}
 TLS_BLOCKS = {
     "ssl-settings": tls_block(),
     "rediss-url": tls_block(url=f"rediss://:{PASSWORD}@localhost:{TLS_PORT}/1", port=1),
@@ -50,11 +51,11 @@ JOIN_TIMEOUT = 120
 
 
 def with_redis(blocks: dict[str, dict]) -> Any:
-    """Parametrize a test over `redis` blocks, each its app_settings mark."""
+    """Parametrize a test over the names of `redis` blocks, each block its app_settings mark."""
     return pytest.mark.parametrize(
-        "block",
+        "case",
         [
-            pytest.param(b, id=name, marks=pytest.mark.app_settings({"redis": b}))
+            pytest.param(name, id=name, marks=pytest.mark.app_settings({"redis": b}))
             for name, b in blocks.items()
         ],
     )
@@ -86,17 +87,14 @@ def assert_no_secret(*texts: Any) -> None:
 
 @with_redis(AUTH_BLOCKS)
 async def test_a_task_scheduled_over_rest_runs_on_a_redis_with_a_password(
-    pg_database, auth_redis, block, container_requester
+    pg_database, auth_redis, case, container_requester
 ):
     async with container_requester as requester:
         task_id, _ = await run_one_task(requester)
         shown, status = await requester("GET", f"/db/guillotina/@amqp-tasks/{task_id}")
     assert status == 200 and shown["status"] == TaskStatus.FINISHED, shown
     # the state is on the database the settings name, of the server that wants the password
-    db = {"password-and-db": 2, "acl-user": 0, "url": 3}[
-        next(k for k, b in AUTH_BLOCKS.items() if b == block)
-    ]
-    client = Redis(port=AUTH_PORT, password=PASSWORD, db=db)
+    client = Redis(port=AUTH_PORT, password=PASSWORD, db=AUTH_DBS[case])
     try:
         assert await client.exists(names.state_key(app_settings["redis_prefix_key"], task_id))
     finally:
@@ -105,7 +103,7 @@ async def test_a_task_scheduled_over_rest_runs_on_a_redis_with_a_password(
 
 @with_redis(TLS_BLOCKS)
 async def test_a_task_scheduled_over_rest_runs_on_a_redis_over_tls(
-    pg_database, tls_redis, block, container_requester
+    pg_database, tls_redis, case, container_requester
 ):
     async with container_requester as requester:
         task_id, final = await run_one_task(requester)
@@ -194,7 +192,7 @@ async def test_the_sentinel_path_logs_in_to_the_master_it_names(sentinel_redis, 
     state = await add_task(app.add, 2, 2)
     final = await state.join(timeout=JOIN_TIMEOUT)
     assert final["status"] == TaskStatus.FINISHED and final["result"] == 4
-    client = Redis(port=SENTINEL_MASTER_PORT, password=PASSWORD)
+    client = Redis(port=AUTH_PORT, password=PASSWORD)
     try:
         assert await client.exists(names.state_key(app_settings["redis_prefix_key"], state.task_id))
     finally:
