@@ -50,7 +50,7 @@ test-ha: install
 	bash scripts/test-ha.sh $(PYTEST_ARGS)
 
 # RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
-# certificates made for the run (scripts/test-tls.sh; about a minute). Needs RabbitMQ and Redis.
+# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
 test-tls: install services
 	bash scripts/test-tls.sh $(PYTEST_ARGS)
 
