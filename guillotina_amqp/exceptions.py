@@ -84,6 +84,11 @@ class StateManagerUnavailable(AMQPError, ConnectionError):
     """The configured state manager cannot be reached or is misconfigured."""
 
 
+class TLSFailure(AMQPError, ConnectionError):
+    """A TLS connection could not be made (a certificate that does not verify, a plain-TCP port):
+    never retried over plain TCP; the message names the address and the setting, never a secret."""
+
+
 class MessageNotRouted(AMQPError):
     """RabbitMQ confirmed a publish it could not route to any queue (the queue is missing)."""
 

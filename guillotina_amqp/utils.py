@@ -29,6 +29,7 @@ from guillotina_amqp import (
     runs,
     settings,
     timing,
+    tracing,
 )
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
@@ -163,14 +164,17 @@ async def add_task(
     if queue != config.queue:
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
     body = messages.encode(replay.stamp(message, config), config)
-    if not config.eager:
-        await _publish(body, config, queue, timing.wait_ms(eta), _retries, options.get("priority"))
-    waiting = {"eta": eta} if eta is not None else {}
-    # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
-    await manager.create(task_id, initial_state(run) | waiting | {"job_data": message})
-    await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
+    dotted_name = task_name(message["func"], args)
+    with tracing.publish_span(task_id, dotted_name, run) as trace_headers:
+        if not config.eager:
+            priority = options.get("priority")
+            await _publish(body, config, queue, timing.wait_ms(eta), _retries, priority, trace_headers)
+        waiting = {"eta": eta} if eta is not None else {}
+        # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
+        await manager.create(task_id, initial_state(run) | waiting | {"job_data": message})
+    await events.notify(events.TaskScheduledEvent(task_id, dotted_name))
     if config.eager:
-        await eager.run(body, config)
+        await eager.run(body, config, trace_headers)  # its run span a child of the publish span
     return TaskState(task_id)
 
 
@@ -193,10 +197,11 @@ async def _publish(
     wait_ms: int | None,
     retries: int,
     priority: int | None = None,
+    headers: dict | None = None,
 ) -> None:
     """To `queue` (its priority queue for a task given a priority), or into the delay tier a
     task waiting for its start sits in (which dead-letters it there later); a named or
-    priority queue is declared first."""
+    priority queue is declared first. `headers`: the message's own (the trace context)."""
     publisher = get_publisher(config)
     if priority is not None:
         queue = names.priority_queue(queue)
@@ -206,7 +211,7 @@ async def _publish(
     if wait_ms is not None:
         target, arguments = names.delay_tier(config, wait_ms, queue)
         await publisher.declare_queue(target, arguments)
-    await publisher.publish(body, target, retries=retries, priority=priority)
+    await publisher.publish(body, target, retries=retries, headers=headers, priority=priority)
 
 
 async def add_object_task(

@@ -408,7 +408,7 @@ class Worker(OriginalWorkerNames):
         if liveness.is_probe(delivery.headers):
             return await self._handle_probe(delivery)
         data = messages.decode(delivery.body, delivery.headers, self.settings)
-        job = Job(data, self.settings, self.state_manager)
+        job = Job(data, self.settings, self.state_manager, headers=delivery.headers)
         wait = timing.wait_ms(data.get("eta"))
         if wait is not None:
             # not its time yet: back into a delay tier, uncounted, without taking a slot

@@ -25,6 +25,7 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
 from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
 from guillotina_amqp.state import redis_client
+from guillotina_amqp.state.redis_pipe import RedisPipe
 from guillotina_amqp.terminal import escape_log_output
 from guillotina_amqp.worker import Worker
 
@@ -241,22 +242,23 @@ def _serve_metrics(port: int) -> None:
 
 
 async def _check_state_store(settings: AMQPSettings) -> None:
-    """Fail at start, naming the setting to fix, rather than on every message."""
+    """Fail at start, naming the setting to fix, rather than on every message: a server that
+    cannot be reached, refuses our credentials or our TLS (never retried: they stay wrong)."""
     if settings.persistent_manager != "redis":
         return
     if not redis_client.uses_sentinel():
-        from guillotina.contrib import redis as contrib_redis
-
-        if contrib_redis._driver is None:
-            raise StateManagerUnavailable(
-                "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications"
-            )
-    # ping directly: guillotina's redis driver retries forever, logging a traceback a second
+        redis_client.check_configured()
+    # the client and the pipelined connection the state manager uses, each logged in once
     client = redis_client.probe_client(timeout=10)
     try:
         await client.ping()
+        pipe = await RedisPipe.open(client)
+        try:
+            await pipe.call("PING")
+        finally:
+            pipe.close()
     except Exception as exc:
-        raise StateManagerUnavailable(f"cannot reach Redis, {redis_client.where()}: {exc}") from None
+        raise StateManagerUnavailable(redis_client.describe_failure(exc)) from None
     finally:
         await client.aclose()
 

@@ -294,7 +294,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@backoff.on_exception(backoff.expo, TRANSIENT, max_time=30, max_value=4, logger=logger)
+@backoff.on_exception(
+    backoff.expo, TRANSIENT, max_time=30, max_value=4, giveup=redis_client.is_auth_error, logger=logger
+)
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
     """Await `call()`, retrying transient connection errors with exponential backoff (about 30 s in all).
 
@@ -309,7 +311,9 @@ async def _first_then_retrying(call: Callable[[], Awaitable[T]]) -> T:
     """`call()` once directly (the hot path skips backoff's bookkeeping), then with backoff."""
     try:
         return await call()
-    except TRANSIENT:
+    except TRANSIENT as exc:
+        if redis_client.is_auth_error(exc):
+            raise  # refused credentials stay refused (redis-py counts them as connection errors)
         return await _retrying(call)
 
 
@@ -333,10 +337,14 @@ class _Notifier:
                     await self._dispatch(pubsub)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # wake everyone so they re-read the state, then resubscribe
                 self.ready.clear()
                 self._wake_all()
+                if redis_client.is_auth_error(exc):
+                    # refused credentials stay refused: stop here (the next watch() starts anew)
+                    logger.error("Task state listener: %s", redis_client.describe_failure(exc))
+                    return
                 logger.warning("Task state listener lost its Redis connection; resubscribing")
                 await asyncio.sleep(0.5)
 
@@ -565,8 +573,8 @@ class RedisStateManager(RedisOperations, StateManager):
         if self._notifier is not None:
             await self._notifier.close()
             self._notifier = None
-        if self._client is not None and redis_client.uses_sentinel():
-            await self._client.aclose()  # ours, not guillotina's: made for the Sentinels
+        if self._client is not None:
+            await self._client.aclose()  # ours, not guillotina's (which knows no password or TLS)
             self._client = None
 
     async def _clean(self) -> None:
