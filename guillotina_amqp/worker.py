@@ -23,6 +23,7 @@ from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.handling import Action, Delivery, Disposition, Handler, counted, message_priority
 from guillotina_amqp.presence import Presence
 from guillotina_amqp.publishing import Publisher, get_publisher
+from guillotina_amqp.retrying import Backoff, retry
 from guillotina_amqp.settings import AMQPSettings, get_settings
 from guillotina_amqp.state.manager import get_state_manager
 from guillotina_amqp.worker_compat import OriginalWorkerNames
@@ -33,6 +34,8 @@ logger = logging.getLogger("guillotina_amqp")
 STOP_CONSUMING_TIMEOUT = 5.0
 #: seconds to wait before handing back a message we could not send to the delay queue
 REQUEUE_PAUSE = 1.0
+#: consuming again (or stopping) after a failure: tried again every REQUEUE_PAUSE seconds
+GATE_RETRY = Backoff(first=REQUEUE_PAUSE, doubling=False)
 
 
 def priority_queues(settings: AMQPSettings, queues: list[str]) -> list[str]:
@@ -219,25 +222,26 @@ class Worker(OriginalWorkerNames):
 
     async def _gate_loop(self, consuming: bool) -> None:
         """Consume while the gate is open; stop consuming (what we hold unclaimed goes back) while held."""
+
+        async def follow() -> None:
+            nonlocal consuming
+            if self.gate.open == consuming or self._stopping:
+                return
+            if self.gate.open:
+                assert self.connection is not None
+                await self.connection.keep(self._consume)
+            else:
+                await self._stop_consuming()
+            consuming = not consuming
+
+        def failed(exc: Exception, tries: int, pause: float) -> None:
+            doing = "stop" if consuming else "resume"
+            logger.error("Worker %s: could not %s consuming", self.worker_id, doing, exc_info=exc)
+
         while True:
             await self.gate.changed.wait()
             self.gate.changed.clear()
-            if self.gate.open == consuming or self._stopping:
-                continue
-            consuming = self.gate.open
-            try:
-                if consuming:
-                    assert self.connection is not None
-                    await self.connection.keep(self._consume)
-                else:
-                    await self._stop_consuming()
-            except Exception:
-                logger.exception(
-                    "Worker %s: could not %s consuming", self.worker_id, "resume" if consuming else "stop"
-                )
-                consuming = not consuming
-                await asyncio.sleep(REQUEUE_PAUSE)
-                self.gate.changed.set()
+            await retry(follow, GATE_RETRY, (Exception,), on_retry=failed)
 
     def _on_load(self, high: bool) -> None:
         self.gate.hold(recycling.LOAD, high)

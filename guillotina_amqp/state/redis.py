@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
-import backoff
 import orjson
 from guillotina import configure
 from redis.asyncio import Redis
@@ -30,6 +29,7 @@ from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired, TaskStateUnusable
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
+from guillotina_amqp.retrying import Backoff, retry
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import redis_client
 from guillotina_amqp.state.manager import (
@@ -49,6 +49,10 @@ from guillotina_amqp.state.status import TaskStatus
 logger = logging.getLogger("guillotina_amqp")
 T = TypeVar("T")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: a Redis call: 1, 2, 4 s... at most 4 s apart (full jitter), for about 30 s in all
+REDIS_RETRY = Backoff(first=1, cap=4, jitter=True, max_time=30)
+#: the state listener resubscribes every half second while Redis is away
+RESUBSCRIBE = Backoff(first=0.5, doubling=False)
 
 # Every script that touches a state first looks at its key's type: a string is the
 # original plugin's JSON state (taken over by Python, then the script runs again),
@@ -258,19 +262,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@backoff.on_exception(backoff.expo, TRANSIENT, max_time=30, max_value=4, logger=logger)
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """Await `call()`, retrying transient connection errors with exponential backoff (about 30 s in all).
+    """Await `call()`, retrying transient connection errors with exponential backoff (REDIS_RETRY).
 
     Takes a factory, not an awaitable: each attempt must send its commands anew
-    (redis-py's command methods are not coroutine functions, so backoff cannot
-    wrap them, and a pipeline forgets its queued commands after a failed execute).
+    (a pipeline forgets its queued commands after a failed execute).
     """
-    return await call()
+    return await retry(call, REDIS_RETRY, TRANSIENT, name="_retrying")
 
 
 async def _first_then_retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()` once directly (the hot path skips backoff's bookkeeping), then with backoff."""
+    """`call()` once directly (the hot path skips the retry's bookkeeping), then retrying."""
     try:
         return await call()
     except TRANSIENT:
@@ -288,21 +290,21 @@ class _Notifier:
         self.task = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.client.pubsub() as pubsub:
-                    await self._subscribe(pubsub)
-                    self.ready.set()
-                    self._wake_all()  # a change made while we were not subscribed: re-read
-                    await self._dispatch(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # wake everyone so they re-read the state, then resubscribe
-                self.ready.clear()
-                self._wake_all()
-                logger.warning("Task state listener lost its Redis connection; resubscribing")
-                await asyncio.sleep(0.5)
+        await retry(self._subscribed, RESUBSCRIBE, (Exception,), on_retry=self._lost)
+
+    async def _subscribed(self) -> None:
+        """Subscribe and dispatch until the subscription is lost (it raises then)."""
+        async with self.client.pubsub() as pubsub:
+            await self._subscribe(pubsub)
+            self.ready.set()
+            self._wake_all()  # a change made while we were not subscribed: re-read
+            await self._dispatch(pubsub)
+
+    def _lost(self, exc: Exception, tries: int, pause: float) -> None:
+        # wake everyone so they re-read the state, then resubscribe
+        self.ready.clear()
+        self._wake_all()
+        logger.warning("Task state listener lost its Redis connection; resubscribing")
 
     async def _subscribe(self, pubsub: Any) -> None:
         # redis-py returns once PSUBSCRIBE is sent; a change published before Redis ran it (on
