@@ -53,7 +53,6 @@ setup(
         "aioamqp>=0.15,<0.16",
         "redis>=4.3",
         "hiredis",  # redis-py's C reply parser: a third of the worker's Redis cost without it
-        "backoff",
         "lru-dict",
         "croniter>=2",  # periodic tasks' cron expressions (maintained, pallets-eco)
     ],

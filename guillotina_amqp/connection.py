@@ -8,6 +8,7 @@ also when only the channel or consumer they returned is lost.
 """
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import random
@@ -15,13 +16,13 @@ import ssl
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
-import backoff
 from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
 from guillotina_amqp import names, tls
 from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.exceptions import InvalidSettings, TLSFailure
+from guillotina_amqp.retrying import Backoff, retry
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -43,6 +44,8 @@ CONNECT_TIMEOUT = 10.0
 Listener = Callable[[], Awaitable[None]]
 #: sets up what a subscriber needs on the connection; returns {what: event set once it is lost}
 Setup = Callable[[], Awaitable[dict[str, asyncio.Event]]]
+#: reconnecting: 1, 2, 4 s... at most 5 s apart, each drawn at random below that (full jitter)
+RECONNECT = Backoff(first=1, cap=5, jitter=True)
 
 
 def _is_tls_failure(exc: Exception) -> bool:
@@ -54,11 +57,9 @@ async def retrying(
     max_time: float | None,
     giveup: Callable[[Exception], bool] = lambda exc: False,
 ) -> T:
-    """`await call()`, retried on CONNECTION_ERRORS with exponential backoff (at most 5 s
-    apart) for up to `max_time` seconds (None: until it works or `giveup(error)`)."""
-    return await backoff.on_exception(
-        backoff.expo, CONNECTION_ERRORS, max_time=max_time, max_value=5, giveup=giveup, logger=logger
-    )(call)()
+    """`await call()`, retried on CONNECTION_ERRORS with exponential backoff (RECONNECT) for up
+    to `max_time` seconds (None: until it works or `giveup(error)`)."""
+    return await retry(call, dataclasses.replace(RECONNECT, max_time=max_time), CONNECTION_ERRORS, giveup)
 
 
 class AMQPConnection:

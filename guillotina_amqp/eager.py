@@ -1,28 +1,41 @@
 """Eager mode (`amqp.eager: true`, docs/tasks.md#eager-mode): add_task runs the task here and now.
 
-The task goes through the worker's own code: the message is decoded and checked,
-the Job rebuilds its context, and the worker's decisions (states, retries, the
-exceptions a task steers with, events) apply unchanged. Only `_dispose` differs:
-there is no broker, so a delayed or given-back message is run again in this
-process once its delay is over. No RabbitMQ connection is ever opened.
+The task goes through the worker's own handler (handling.py): the message is decoded
+and checked, the Job rebuilds its context, and the same decisions (states, retries,
+the exceptions a task steers with, events) apply unchanged. Only the dispose differs:
+there is no broker, so a delayed or given-back message is run again in this process
+once its delay is over. No RabbitMQ connection is ever opened.
 """
 
 import asyncio
 import contextvars
+import uuid
 from types import SimpleNamespace
 from typing import Any, Coroutine
 
 from guillotina_amqp import message as messages
-from guillotina_amqp.settings import AMQPSettings
-from guillotina_amqp.worker import Action, Delivery, Disposition, Worker, counted, delay_seconds
+from guillotina_amqp import recycling
+from guillotina_amqp.handling import Action, Delivery, Disposition, Handler, counted, delay_seconds
+from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.state.manager import get_state_manager
 
 
-class EagerWorker(Worker):
-    """A worker that is handed messages by add_task instead of consuming a queue."""
+class EagerWorker:
+    """Is handed messages by add_task instead of consuming a queue, and disposes in process."""
 
     def __init__(self) -> None:
-        super().__init__(check_activity=False)
-        self._slots = asyncio.Semaphore(self.max_size)
+        self.settings = get_settings()
+        self.queue = self.settings.queue
+        slots = asyncio.Semaphore(self.settings.max_running_tasks)
+        self.handler = Handler(
+            self.settings,
+            get_state_manager(),
+            uuid.uuid4().hex,
+            slots,
+            recycling.Quota(None),
+            recycling.Gate(),
+        )
+        self._handlers: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -31,18 +44,30 @@ class EagerWorker(Worker):
         `headers`: the message's own (the trace context of the publish)."""
         headers = {**messages.sign_headers(body, self.settings), **(headers or {})}
         properties = SimpleNamespace(headers=headers)
-        delivery = Delivery(None, body, None, properties, self.queues[0])  # type: ignore[arg-type]
+        delivery = Delivery(None, body, None, properties, self.queue)  # type: ignore[arg-type]
         await self._spawn(self._handle(delivery))
+
+    async def join(self) -> None:
+        """Wait until no run (a delayed retry's included) is left."""
+        while self._handlers:
+            await self._idle.wait()
 
     def _spawn(self, handling: Coroutine[Any, Any, None]) -> asyncio.Task:
         # a context of its own, as on a worker: the job's request, db and user never leak
         # into the caller's (nor the caller's transaction into the job)
         task = asyncio.get_running_loop().create_task(handling, context=contextvars.Context())
         self._handlers.add(task)
-        assert self._idle is not None
         self._idle.clear()
         task.add_done_callback(self._handler_done)
         return task
+
+    def _handler_done(self, task: asyncio.Task) -> None:
+        self._handlers.discard(task)
+        if not self._handlers:
+            self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        await self._dispose(delivery, await self.handler.handle(delivery))
 
     async def _dispose(self, delivery: Delivery, disposition: Disposition) -> None:
         # acked, dead-lettered or left: with no broker, nothing more happens to the message

@@ -50,8 +50,8 @@ class Presence:
             "running": running,
             "max_running": worker.max_size,
             "load": len(running) / worker.max_size if worker.max_size else 0.0,
-            "total_run": worker.total_run,
-            "total_errored": worker.total_errored,
+            "total_run": worker.handler.total_run,
+            "total_errored": worker.handler.total_errored,
         }
 
     async def announce(self) -> None:

@@ -11,6 +11,7 @@ from aioamqp.exceptions import PublishFailed
 from guillotina_amqp import message as messages
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue
 from guillotina_amqp.exceptions import MessageNotRouted
+from guillotina_amqp.retrying import Attempts, Backoff, retry, silently
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -94,27 +95,26 @@ class Publisher:
         properties = self._properties(body, headers, sign)
         if priority is not None:
             properties["priority"] = priority
-        redeclared = False
-        attempt = 0
-        while True:
+
+        async def attempt() -> None:
             try:
                 channel = await self._ready_channel()
                 await channel.publish(
                     body, self.settings.exchange, routing_key, properties=properties, mandatory=True
                 )
-            except (*CONNECTION_ERRORS, PublishFailed) as exc:
-                if not isinstance(exc, PublishFailed):  # a nack leaves the channel open
-                    self._channel = None
-                if attempt >= retries:
-                    raise
-                attempt += 1
-                logger.warning(
-                    "Publish to %s failed (%r); retrying (%s of %s)", routing_key, exc, attempt, retries
-                )
-                # time for a lost connection to be noticed and replaced, or for a quorum
-                # queue to elect a new leader (it refuses publishes meanwhile)
-                await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
-                continue
+            except CONNECTION_ERRORS:
+                self._channel = None  # a nack (PublishFailed) leaves the channel open
+                raise
+
+        def retrying(exc: Exception, tries: int, pause: float) -> None:
+            logger.warning("Publish to %s failed (%r); retrying (%s of %s)", routing_key, exc, tries, retries)
+
+        # time for a lost connection to be noticed and replaced, or for a quorum queue to elect
+        # a new leader (it refuses publishes meanwhile); a publish again after declaring counts too
+        attempts = Attempts(Backoff(first=RETRY_PAUSE, max_tries=retries + 1))
+        errors = (*CONNECTION_ERRORS, PublishFailed)
+        for redeclared in (False, True):
+            await retry(attempt, attempts, errors, on_retry=retrying, on_giveup=silently)
             if properties["message_id"] not in self._returned:
                 return
             self._returned.discard(properties["message_id"])
@@ -122,7 +122,6 @@ class Publisher:
                 raise MessageNotRouted(
                     f"no queue bound to {routing_key!r} on exchange {self.settings.exchange!r}"
                 )
-            redeclared = True
             logger.warning("Publish to %s was not routed; declaring the queues again", routing_key)
             assert self.connection is not None
             await self.connection.declare_topology()

@@ -66,6 +66,24 @@ class OriginalWorkerNames:
         return self.max_size
 
     @property
+    def total_run(self: "Worker") -> int:  # type: ignore[misc]
+        """How many runs ended (finished, canceled or failed) on this worker."""
+        return self.handler.total_run
+
+    @property
+    def total_errored(self: "Worker") -> int:  # type: ignore[misc]
+        return self.handler.total_errored
+
+    @property
+    def max_task_retries(self: "Worker") -> int | None:  # type: ignore[misc]
+        """The retries of a task that sets none (`amqp.max_task_retries`); settable."""
+        return self.handler.max_task_retries
+
+    @max_task_retries.setter
+    def max_task_retries(self: "Worker", limit: int | None) -> None:  # type: ignore[misc]
+        self.handler.max_task_retries = limit
+
+    @property
     def queue_main(self: "Worker") -> QueueName:  # type: ignore[misc]
         return QueueName(self.settings.queue)
 

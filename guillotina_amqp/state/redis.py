@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
-import backoff
 import orjson
 from guillotina import configure
 from redis.asyncio import Redis
@@ -35,6 +34,7 @@ from guillotina_amqp.exceptions import (
 )
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
+from guillotina_amqp.retrying import Backoff, retry
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import redis_client
 from guillotina_amqp.state.manager import (
@@ -54,6 +54,10 @@ from guillotina_amqp.state.status import TaskStatus
 logger = logging.getLogger("guillotina_amqp")
 T = TypeVar("T")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: a Redis call: 1, 2, 4 s... at most 4 s apart (full jitter), for about 30 s in all
+REDIS_RETRY = Backoff(first=1, cap=4, jitter=True, max_time=30)
+#: the state listener resubscribes every half second while Redis is away
+RESUBSCRIBE = Backoff(first=0.5, doubling=False)
 
 # Every script that touches a state first looks at its key's type: a string is the
 # original plugin's JSON state (taken over by Python, then the script runs again),
@@ -294,21 +298,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@backoff.on_exception(
-    backoff.expo, TRANSIENT, max_time=30, max_value=4, giveup=redis_client.is_auth_error, logger=logger
-)
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """Await `call()`, retrying transient connection errors with exponential backoff (about 30 s in all).
+    """Await `call()`, retrying transient connection errors with exponential backoff (REDIS_RETRY).
 
     Takes a factory, not an awaitable: each attempt must send its commands anew
-    (redis-py's command methods are not coroutine functions, so backoff cannot
-    wrap them, and a pipeline forgets its queued commands after a failed execute).
+    (a pipeline forgets its queued commands after a failed execute).
     """
-    return await call()
+    return await retry(call, REDIS_RETRY, TRANSIENT, giveup=redis_client.is_auth_error, name="_retrying")
 
 
 async def _first_then_retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()` once directly (the hot path skips backoff's bookkeeping), then with backoff."""
+    """`call()` once directly (the hot path skips the retry's bookkeeping), then retrying."""
     try:
         return await call()
     except TRANSIENT as exc:
@@ -328,25 +328,36 @@ class _Notifier:
         self.task = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.client.pubsub() as pubsub:
-                    await self._subscribe(pubsub)
-                    self.ready.set()
-                    self._wake_all()  # a change made while we were not subscribed: re-read
-                    await self._dispatch(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # wake everyone so they re-read the state, then resubscribe
-                self.ready.clear()
-                self._wake_all()
-                if redis_client.is_auth_error(exc):
-                    # refused credentials stay refused: stop here (the next watch() starts anew)
-                    logger.error("Task state listener: %s", redis_client.describe_failure(exc))
-                    return
-                logger.warning("Task state listener lost its Redis connection; resubscribing")
-                await asyncio.sleep(0.5)
+        # without limits: only refused credentials end it (they stay refused; _refused says so,
+        # and the next watch() starts a listener anew)
+        with contextlib.suppress(Exception):
+            await retry(
+                self._subscribed,
+                RESUBSCRIBE,
+                (Exception,),
+                giveup=redis_client.is_auth_error,
+                on_retry=self._lost,
+                on_giveup=self._refused,
+            )
+
+    async def _subscribed(self) -> None:
+        """Subscribe and dispatch until the subscription is lost (it raises then)."""
+        async with self.client.pubsub() as pubsub:
+            await self._subscribe(pubsub)
+            self.ready.set()
+            self._wake_all()  # a change made while we were not subscribed: re-read
+            await self._dispatch(pubsub)
+
+    def _lost(self, exc: Exception, tries: int, pause: float) -> None:
+        # wake everyone so they re-read the state, then resubscribe
+        self.ready.clear()
+        self._wake_all()
+        logger.warning("Task state listener lost its Redis connection; resubscribing")
+
+    def _refused(self, exc: Exception, tries: int) -> None:
+        self.ready.clear()
+        self._wake_all()
+        logger.error("Task state listener: %s", redis_client.describe_failure(exc))
 
     async def _subscribe(self, pubsub: Any) -> None:
         # redis-py returns once PSUBSCRIBE is sent; a change published before Redis ran it (on
