@@ -27,6 +27,7 @@ from guillotina_amqp import (
     names,
     periodic_tasks,
     recycling,
+    redelivery,
     timing,
 )
 from guillotina_amqp import message as messages
@@ -155,6 +156,9 @@ class Worker(OriginalWorkerNames):
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._slots = asyncio.Semaphore(self.max_size)
+        # copies redelivered while we run them (consumer_timeout): kept aside, no slot
+        self.redelivered = redelivery.Redeliveries(Disposition(Action.LEAVE, "a copy"))
+        self._prefetch = self.max_size
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -208,6 +212,9 @@ class Worker(OriginalWorkerNames):
             await self.connection.keep(self._consume)
         self._background.append(asyncio.create_task(self._gate_loop(consuming=self.gate.open)))
         self._background.append(asyncio.create_task(self._status_loop()))
+        self._background.append(
+            asyncio.create_task(redelivery.keep_prefetch(self.redelivered, self._reprefetch))
+        )
         self._start_liveness()
         await self.presence.announce()
         self._start_periodic()
@@ -257,15 +264,19 @@ class Worker(OriginalWorkerNames):
 
         A channel can close while its connection stays open (a failed ack, RabbitMQ's
         consumer_timeout on a long task) and a consumer can be cancelled alone (its queue
-        was deleted). The old channel keeps the deliveries still running; they settle on it.
+        was deleted). The tasks of a closed channel go on; RabbitMQ requeued their messages,
+        and the copies delivered to us are kept aside until the runs end (redelivery.py).
         """
         assert self.connection is not None
         if self._channel is None or not self._channel.is_open:  # an open one: consuming again
             self._channel = await self.connection.channel()
-            # a limit per channel (global) across several queues: RabbitMQ then offers each freed
-            # slot to the blocked queues in random order; per consumer, the acked queue always won
-            shared = len(self.consumed) > 1
-            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
+            # a channel-wide limit counts the runs still going on a closed channel (they keep
+            # their slots); a consumer's own cannot be raised again as they end: all slots, then
+            shared = self._shared_qos
+            self._prefetch = self.max_size
+            if shared:
+                self._prefetch = self.redelivered.prefetch(self.max_size, self._channel)
+            await self._channel.basic_qos(prefetch_count=self._prefetch, connection_global=shared)
             self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
         self._consumer_tags = set()
@@ -273,6 +284,23 @@ class Worker(OriginalWorkerNames):
             result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
             self._consumer_tags.add(result["consumer_tag"])
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
+
+    @property
+    def _shared_qos(self) -> bool:
+        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+        # slot to the blocked queues in random order; per consumer, the acked queue always won
+        return len(self.consumed) > 1
+
+    async def _reprefetch(self) -> None:
+        """Raise or lower the consuming channel's prefetch to what the slots allow now; only a
+        channel-wide limit changes in place (a consumer's own is fixed when it starts)."""
+        channel = self._channel
+        if channel is None or not channel.is_open or not self._shared_qos:
+            return
+        prefetch = self.redelivered.prefetch(self.max_size, channel)
+        if prefetch != self._prefetch:
+            self._prefetch = prefetch
+            await channel.basic_qos(prefetch_count=prefetch, connection_global=True)
 
     def _consumer(self, queue: str) -> Callable[..., Awaitable[None]]:
         async def on_message(channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
@@ -413,8 +441,14 @@ class Worker(OriginalWorkerNames):
             # not its time yet: back into a delay tier, uncounted, without taking a slot
             return Disposition(Action.DELAY, job.label, delay_ms=wait)
         await timing.until(data.get("eta"))
+        key = (job.task_id, job.run_id)
+        if self.redelivered.running(key):  # redelivered while we run it: no slot, settled with the run
+            return await self.redelivered.hold(key, job.label, delivery, Disposition(Action.ACK, job.label))
         if self.quota.full:
             return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
+        return await self.redelivered.run(key, delivery, self._in_slot(delivery, job))
+
+    async def _in_slot(self, delivery: Delivery, job: Job) -> Disposition:
         async with self._slots:
             try:
                 return await self._claim_within_quota(job)
@@ -459,7 +493,8 @@ class Worker(OriginalWorkerNames):
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
             # maybe a dead worker's lock: never drop the task, try again after the delay
-            logger.info("%s is locked by another worker; delaying it", job.label)
+            holder = "this worker (another run of it)" if job.task_id in self._running else "another worker"
+            logger.info("%s is locked by %s; delaying it", job.label, holder)
             return Disposition(Action.DELAY, job.label, counter=DEFERRALS_HEADER)
         if claim.outcome == DONE and claim.status == TaskStatus.ERRORED:
             logger.info("%s already failed for good; sending it to the error queue", job.label)
@@ -640,7 +675,7 @@ class Worker(OriginalWorkerNames):
         """
         if not getattr(delivery.channel, "is_open", True):  # the original's test channels have none
             # the broker already requeued the original: a copy would make it run twice
-            logger.warning("%s: its channel closed; the broker will redeliver it", label)
+            logger.warning("%s: not moved, its channel closed (RabbitMQ requeued it then)", label)
             return
         try:
             queue = queue or await self._delay_queue(delay_ms, delivery.queue)
@@ -673,7 +708,8 @@ class Worker(OriginalWorkerNames):
         try:
             await delivery.channel.basic_client_ack(delivery_tag=delivery.envelope.delivery_tag)
         except CONNECTION_ERRORS:
-            logger.warning("%s: ack lost with the channel; the broker will redeliver it", label)
+            # RabbitMQ requeues what a channel held when it closes: the copy finds the run ended
+            logger.warning("%s: ack lost, its channel closed (RabbitMQ requeued it then)", label)
 
     async def _nack(self, delivery: Delivery, label: str, requeue: bool = False) -> None:
         try:
@@ -681,7 +717,7 @@ class Worker(OriginalWorkerNames):
                 delivery_tag=delivery.envelope.delivery_tag, requeue=requeue
             )
         except CONNECTION_ERRORS:
-            logger.warning("%s: nack lost with the channel; the broker will redeliver it", label)
+            logger.warning("%s: nack lost, its channel closed (RabbitMQ requeued it then)", label)
 
     # -- background loops -----------------------------------------------------
     async def _status_loop(self) -> None:

@@ -27,6 +27,9 @@ pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures", "tests.
 
 # tests/ha needs the engines scripts/ha-engines.sh starts: `make test-ha` runs it
 collect_ignore = [] if os.environ.get("GUILLOTINA_AMQP_HA") else ["ha"]
+# tests/long needs the short-consumer_timeout node of scripts/ct-engine.sh: `make test-long`
+if not os.environ.get("GUILLOTINA_AMQP_LONG"):
+    collect_ignore.append("long")
 
 NAMESPACE: dict[str, str] = {"id": "unset", "manager": "redis"}  # "pg": database name, when used
 
