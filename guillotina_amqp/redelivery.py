@@ -121,6 +121,12 @@ class Redeliveries(Generic[D]):
         return max(1, max_size - elsewhere + kept)
 
 
+def lock_holder(ours: bool) -> str:
+    """Who holds the lock a claim found taken, as the log says it. A copy of a run of ours never
+    claims (it is kept aside): ours is the lock of an earlier run of the same task id."""
+    return "this worker, which runs an earlier run of it" if ours else "another worker"
+
+
 async def keep_prefetch(redeliveries: Redeliveries, apply: Callable[[], Awaitable[None]]) -> None:
     """Apply the prefetch again whenever it may have changed (a background loop of the worker)."""
     while True:

@@ -493,7 +493,7 @@ class Worker(OriginalWorkerNames):
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
             # maybe a dead worker's lock: never drop the task, try again after the delay
-            holder = "this worker (another run of it)" if job.task_id in self._running else "another worker"
+            holder = redelivery.lock_holder(ours=job.task_id in self._running)
             logger.info("%s is locked by %s; delaying it", job.label, holder)
             return Disposition(Action.DELAY, job.label, counter=DEFERRALS_HEADER)
         if claim.outcome == DONE and claim.status == TaskStatus.ERRORED:

@@ -10,6 +10,7 @@
 # Everything lives under $CT_DIR (default /tmp/guillotina-amqp-ct). Run as root, as
 # scripts/ha-engines.sh: rabbitmq-server drops to the `rabbitmq` user, who owns the folders.
 set -Eeuo pipefail
+PATH="$PATH:/usr/sbin:/sbin:/usr/lib/rabbitmq/bin"  # where packages put rabbitmq-server
 
 CT_DIR=${CT_DIR:-/tmp/guillotina-amqp-ct}
 case "$CT_DIR" in

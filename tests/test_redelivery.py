@@ -7,6 +7,7 @@ The end-to-end case, on a RabbitMQ node with a 5 s consumer_timeout, is tests/lo
 import asyncio
 from typing import NamedTuple
 
+import orjson
 import pytest
 
 from guillotina_amqp import add_task, recycling
@@ -14,7 +15,7 @@ from guillotina_amqp.redelivery import Redeliveries
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskStatus
 from tests import app
-from tests.utils import admin_channel, logged, running_worker, wait_for
+from tests.utils import admin_channel, all_empty, logged, publish_raw, running_worker, wait_for
 
 KEY = ("task-1", "run-1")
 
@@ -166,3 +167,23 @@ async def main_queue_has(consumers: int | None = None, ready: int | None = None)
     return (consumers is None or found["consumer_count"] == consumers) and (
         ready is None or found["message_count"] == ready
     )
+
+
+@pytest.mark.usefixtures("outside_container")
+async def test_a_later_run_of_a_task_this_worker_runs_says_whose_lock_it_waits_for(
+    guillotina_main, tmp_path, info_logs
+):
+    go = tmp_path / "go"
+    async with running_worker() as worker:
+        state = await add_task(app.until_exists, str(go), 120)
+        await wait_for(lambda: worker.num_running == 1, what="the task to start")
+        later = dict((await state.get_state())["job_data"])
+        later["run"] += "~"  # a later run of the same task id, scheduled while this one runs
+        await publish_raw(orjson.dumps(later))
+        await wait_for(
+            lambda: logged(info_logs, state.task_id, "locked by this worker, which runs an earlier run"),
+            what="the later run to wait for the lock",
+        )
+        assert logged(info_logs, state.task_id, "locked by another worker") == 0
+        go.touch()
+        await wait_for(all_empty, timeout=60, what="both runs to end")
