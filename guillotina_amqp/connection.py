@@ -13,6 +13,7 @@ import inspect
 import logging
 import random
 import ssl
+import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
@@ -195,6 +196,7 @@ class AMQPConnection:
         if self.protocol is None or not self.is_open:
             raise ConnectionError(f"no open RabbitMQ connection to {self.address}")
         channel = await self.protocol.channel()
+        remember_close_reason(channel)
         if confirm:
             await channel.confirm_select()
             settle_multiple_confirms(channel)
@@ -253,7 +255,12 @@ class AMQPConnection:
                 for wait in waits:
                     wait.cancel()
             # a closing connection closes its channels first: judge by the connection
-            lost = [(s, what) for s, kept in self._kept.items() for what, e in kept.items() if e.is_set()]
+            lost = [
+                (s, lost_what(what, e))
+                for s, kept in self._kept.items()
+                for what, e in kept.items()
+                if e.is_set()
+            ]
             if lost and self.is_open:
                 return lost
         return []
@@ -305,6 +312,37 @@ class AMQPConnection:
         if supervisor is not None:
             await cancel_and_wait([supervisor])
         await self._drop()
+
+
+#: why RabbitMQ closed a channel, by the channel's close_event (what `keep` subscriptions return)
+_close_reasons: "weakref.WeakKeyDictionary[asyncio.Event, str]" = weakref.WeakKeyDictionary()
+
+
+def remember_close_reason(channel: Channel) -> None:
+    """Keep the reply code and text of the broker's Channel.Close (aioamqp hands them only to
+    the calls still waiting on the channel, as a ChannelClosed): the log line says why."""
+    closed = getattr(channel, "connection_closed", None)
+    if closed is None:  # a stand-in channel (the tests' mock broker)
+        return
+
+    def connection_closed(server_code: Any = None, server_reason: Any = None, exception: Any = None) -> None:
+        if server_code is not None and not channel.close_event.is_set():
+            reason = aioamqp.ChannelClosed(server_code, server_reason)
+            _close_reasons[channel.close_event] = f"{reason.code} {reason.message}"
+        closed(server_code, server_reason, exception)
+
+    channel.connection_closed = connection_closed  # type: ignore[method-assign]
+
+
+def close_reason(event: asyncio.Event) -> str | None:
+    """RabbitMQ's reply code and text for the channel whose close_event this is, if it said."""
+    return _close_reasons.get(event)
+
+
+def lost_what(what: str, event: asyncio.Event) -> str:
+    """How the log names a lost subscription part: with RabbitMQ's reason when it gave one."""
+    reason = close_reason(event)
+    return f"{what} (closed by RabbitMQ: {reason})" if reason else what
 
 
 def _accepted_by(factory: Callable[..., Any], **options: Any) -> dict[str, Any]:

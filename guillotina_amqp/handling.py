@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import control, events, expiry, liveness, metrics, names, recycling, timing
+from guillotina_amqp import control, events, expiry, liveness, metrics, names, recycling, redelivery, timing
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import InvalidMessage, Reject, Retry, TaskStateUnusable
 from guillotina_amqp.job import Job, Outcome
@@ -114,6 +114,8 @@ class Handler:
         self.total_errored = 0
         #: the tasks running now, by task id (the consumer cancels them, refreshes their locks)
         self.running: dict[str, tuple[Job, asyncio.Task]] = {}
+        #: copies redelivered while we run them (consumer_timeout): kept aside, no slot
+        self.redelivered = redelivery.Redeliveries(Disposition(Action.LEAVE, "a copy"))
         self._slots = slots
         self.quota = quota
         self.gate = gate
@@ -139,8 +141,14 @@ class Handler:
             # not its time yet: back into a delay tier, uncounted, without taking a slot
             return Disposition(Action.DELAY, job.label, delay_ms=wait)
         await timing.until(data.get("eta"))
+        key = (job.task_id, job.run_id)
+        if self.redelivered.running(key):  # redelivered while we run it: no slot, settled with the run
+            return await self.redelivered.hold(key, job.label, delivery, Disposition(Action.ACK, job.label))
         if self.quota.full:
             return Disposition(Action.REQUEUE, job.label)  # --max-tasks: give it back at once
+        return await self.redelivered.run(key, delivery, self._in_slot(delivery, job))
+
+    async def _in_slot(self, delivery: Delivery, job: Job) -> Disposition:
         async with self._slots:
             try:
                 return await self._claim_within_quota(job)
@@ -185,7 +193,8 @@ class Handler:
         claim = await self.state_manager.claim(job.task_id, job.data, self.settings.lock_ttl, self.worker_id)
         if claim.outcome == LOCKED:
             # maybe a dead worker's lock: never drop the task, try again after the delay
-            logger.info("%s is locked by another worker; delaying it", job.label)
+            holder = redelivery.lock_holder(ours=job.task_id in self.running)
+            logger.info("%s is locked by %s; delaying it", job.label, holder)
             return Disposition(Action.DELAY, job.label, counter=DEFERRALS_HEADER)
         if claim.outcome == DONE and claim.status == TaskStatus.ERRORED:
             logger.info("%s already failed for good; sending it to the error queue", job.label)

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from aioamqp.channel import Channel
 
-from guillotina_amqp import liveness, names, periodic_tasks, recycling
+from guillotina_amqp import liveness, names, periodic_tasks, recycling, redelivery
 from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection
 from guillotina_amqp.handling import Action, Delivery, Disposition, Handler, counted, message_priority
@@ -80,6 +80,7 @@ class Worker(OriginalWorkerNames):
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._slots = asyncio.Semaphore(self.max_size)
+        self._prefetch = self.max_size
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -120,6 +121,8 @@ class Worker(OriginalWorkerNames):
             probe=self._on_probe,
         )
         self._running = self.handler.running
+        #: copies redelivered while we run them (consumer_timeout): kept aside, no slot
+        self.redelivered = self.handler.redelivered
 
     @property
     def connection_name(self) -> str:
@@ -144,6 +147,9 @@ class Worker(OriginalWorkerNames):
             await self.connection.keep(self._consume)
         self._background.append(asyncio.create_task(self._gate_loop(consuming=self.gate.open)))
         self._background.append(asyncio.create_task(self._status_loop()))
+        self._background.append(
+            asyncio.create_task(redelivery.keep_prefetch(self.redelivered, self._reprefetch))
+        )
         self._start_liveness()
         await self.presence.announce()
         self._start_periodic()
@@ -197,15 +203,19 @@ class Worker(OriginalWorkerNames):
 
         A channel can close while its connection stays open (a failed ack, RabbitMQ's
         consumer_timeout on a long task) and a consumer can be cancelled alone (its queue
-        was deleted). The old channel keeps the deliveries still running; they settle on it.
+        was deleted). The tasks of a closed channel go on; RabbitMQ requeued their messages,
+        and the copies delivered to us are kept aside until the runs end (redelivery.py).
         """
         assert self.connection is not None
         if self._channel is None or not self._channel.is_open:  # an open one: consuming again
             self._channel = await self.connection.channel()
-            # a limit per channel (global) across several queues: RabbitMQ then offers each freed
-            # slot to the blocked queues in random order; per consumer, the acked queue always won
-            shared = len(self.consumed) > 1
-            await self._channel.basic_qos(prefetch_count=self.max_size, connection_global=shared)
+            # a channel-wide limit counts the runs still going on a closed channel (they keep
+            # their slots); a consumer's own cannot be raised again as they end: all slots, then
+            shared = self._shared_qos
+            self._prefetch = self.max_size
+            if shared:
+                self._prefetch = self.redelivered.prefetch(self.max_size, self._channel)
+            await self._channel.basic_qos(prefetch_count=self._prefetch, connection_global=shared)
             self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
         self._consumer_tags = set()
@@ -213,6 +223,23 @@ class Worker(OriginalWorkerNames):
             result = await self._channel.basic_consume(self._consumer(queue), queue_name=queue)
             self._consumer_tags.add(result["consumer_tag"])
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
+
+    @property
+    def _shared_qos(self) -> bool:
+        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+        # slot to the blocked queues in random order; per consumer, the acked queue always won
+        return len(self.consumed) > 1
+
+    async def _reprefetch(self) -> None:
+        """Raise or lower the consuming channel's prefetch to what the slots allow now; only a
+        channel-wide limit changes in place (a consumer's own is fixed when it starts)."""
+        channel = self._channel
+        if channel is None or not channel.is_open or not self._shared_qos:
+            return
+        prefetch = self.redelivered.prefetch(self.max_size, channel)
+        if prefetch != self._prefetch:
+            self._prefetch = prefetch
+            await channel.basic_qos(prefetch_count=prefetch, connection_global=True)
 
     def _consumer(self, queue: str) -> Callable[..., Awaitable[None]]:
         async def on_message(channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
@@ -368,7 +395,7 @@ class Worker(OriginalWorkerNames):
         """
         if not getattr(delivery.channel, "is_open", True):  # the original's test channels have none
             # the broker already requeued the original: a copy would make it run twice
-            logger.warning("%s: its channel closed; the broker will redeliver it", label)
+            logger.warning("%s: not moved, its channel closed (RabbitMQ requeued it then)", label)
             return
         try:
             queue = queue or await self._delay_queue(delay_ms, delivery.queue)
@@ -401,7 +428,8 @@ class Worker(OriginalWorkerNames):
         try:
             await delivery.channel.basic_client_ack(delivery_tag=delivery.envelope.delivery_tag)
         except CONNECTION_ERRORS:
-            logger.warning("%s: ack lost with the channel; the broker will redeliver it", label)
+            # RabbitMQ requeues what a channel held when it closes: the copy finds the run ended
+            logger.warning("%s: ack lost, its channel closed (RabbitMQ requeued it then)", label)
 
     async def _nack(self, delivery: Delivery, label: str, requeue: bool = False) -> None:
         try:
@@ -409,7 +437,7 @@ class Worker(OriginalWorkerNames):
                 delivery_tag=delivery.envelope.delivery_tag, requeue=requeue
             )
         except CONNECTION_ERRORS:
-            logger.warning("%s: nack lost with the channel; the broker will redeliver it", label)
+            logger.warning("%s: nack lost, its channel closed (RabbitMQ requeued it then)", label)
 
     # -- background loops -----------------------------------------------------
     async def _status_loop(self) -> None:
