@@ -16,12 +16,13 @@ export RABBITMQ REDIS POSTGRESQL
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: venv install services test test-upstream test-ha run lint format typecheck bench clean
+.PHONY: venv install services test test-upstream test-ha test-tls run lint format typecheck bench clean
 
 # Bytecode written even where PYTHONDONTWRITEBYTECODE is set (this VM, most containers): else
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
 venv install: $(STAMP)
 	@$(BIN)/python -m compileall -q guillotina_amqp
+	@$(BIN)/python scripts/venv-paths.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,7 @@ $(BIN)/python:
 # nothing, so reinstall once it appears.
 $(STAMP): setup.py $(wildcard pyproject.toml setup.cfg guillotina_amqp/__init__.py) | $(BIN)/python
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -e '.[test,metrics]'
+	$(BIN)/python -m pip install -e '.[test,metrics,otel]'
 	touch $@
 
 services:
@@ -48,6 +49,11 @@ test-upstream: install services
 # their own ports for the run and stopped after it (scripts/test-ha.sh; a few minutes).
 test-ha: install
 	bash scripts/test-ha.sh $(PYTEST_ARGS)
+
+# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
+# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
+test-tls: install services
+	bash scripts/test-tls.sh $(PYTEST_ARGS)
 
 run: install services
 	$(BIN)/python scripts/demo.py

@@ -50,3 +50,5 @@ class TaskMessage(TypedDict, total=False):
     eta: float
     expires: float
     run_in: str
+    # when a signed message was issued (replay.ISSUED: its replays are refused after a while)
+    issued: float

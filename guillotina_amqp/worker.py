@@ -307,7 +307,8 @@ class Worker(OriginalWorkerNames):
         if self.connection is not None:
             self.connection.forget(self._consume)
         if self._channel is not None and self._channel.is_open:
-            for consumer_tag in list(self._consumer_tags):  # a restored consumer may add one
+            # a copy: a consumer being set up again meanwhile adds its tags to the set
+            for consumer_tag in list(self._consumer_tags):
                 # bounded: a broker that never answers must not hold a stopping worker for ever
                 with contextlib.suppress(asyncio.TimeoutError, *CONNECTION_ERRORS):
                     await asyncio.wait_for(self._channel.basic_cancel(consumer_tag), STOP_CONSUMING_TIMEOUT)

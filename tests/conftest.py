@@ -23,10 +23,17 @@ from guillotina import testing  # noqa: E402
 from guillotina.tests import fixtures as guillotina_fixtures  # noqa: E402
 from guillotina.utils import merge_dicts  # noqa: E402
 
-pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures", "tests.own_redis"]
+pytest_plugins = [
+    "pytest_docker_fixtures",
+    "guillotina.tests.fixtures",
+    "tests.own_redis",
+    "tests.secure_redis",
+]
 
-# tests/ha needs the engines scripts/ha-engines.sh starts: `make test-ha` runs it
+# tests/ha needs the engines scripts/ha-engines.sh starts: `make test-ha` runs it; tests/tls
+# the TLS node of scripts/tls-engines.sh: `make test-tls`
 collect_ignore = [] if os.environ.get("GUILLOTINA_AMQP_HA") else ["ha"]
+collect_ignore += [] if os.environ.get("GUILLOTINA_AMQP_TLS") else ["tls"]
 
 NAMESPACE: dict[str, str] = {"id": "unset", "manager": "redis"}  # "pg": database name, when used
 

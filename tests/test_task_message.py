@@ -10,7 +10,7 @@ from guillotina_amqp.types import TaskMessage
 def test_the_worker_accepts_exactly_the_declared_fields():
     assert messages.FIELDS == {
         *("func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"),
-        *("timeout", "max_retries", "priority", "eta", "expires", "run_in"),
+        *("timeout", "max_retries", "priority", "eta", "expires", "run_in", "issued"),
     }
     assert set(control.OPTIONS) <= messages.FIELDS  # every per-task option travels as a field
     assert messages.REQUIRED_FIELDS == ("func", "task_id")
