@@ -3,7 +3,7 @@
 import hashlib
 import hmac
 import string
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -15,20 +15,15 @@ from guillotina_amqp import control, expiry, offload, replay, runs, timing
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
-from guillotina_amqp.types import SerializedRequest, SerializedUser
+from guillotina_amqp.types import SerializedRequest, SerializedUser, TaskMessage
 
 SIGNATURE_HEADER = "x-guillotina-amqp-signature"
 _SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
 _HEX = frozenset(string.hexdigits)
-REQUIRED_FIELDS = ("func", "task_id")
-#: Every top-level field a message may carry; anything else is refused (it would be stored as job_data).
-FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"})
-#: Per-task options (docs/tasks.md), present only when the task or the call set them.
-FIELDS |= frozenset(control.OPTIONS)
-#: When the task may start, its deadline, where a plain def runs (docs/tasks.md), present only when set.
-FIELDS |= {"eta", "expires", "run_in"}
-#: When a signed message was issued (its replays are refused after a while), set only when signing.
-FIELDS |= {replay.ISSUED}
+REQUIRED_FIELDS = tuple(sorted(TaskMessage.__required_keys__))
+#: Every top-level field a message may carry (types.TaskMessage); anything else is refused (it
+#: would be stored as job_data).
+FIELDS = frozenset(TaskMessage.__annotations__)
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -205,7 +200,7 @@ def trusted_identity(body: bytes, headers: dict | None, settings: AMQPSettings) 
         return None
 
 
-def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
+def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> TaskMessage:
     """The message dict, or InvalidMessage saying what is wrong with it."""
     if len(body) > settings.max_message_bytes:
         raise InvalidMessage(_too_large(body, settings))
@@ -223,7 +218,7 @@ def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
         orjson.dumps(message)  # what cannot be encoded again could never be stored as job_data
     except TypeError as exc:
         raise InvalidMessage(f"message cannot be stored: {exc}", task_id) from None
-    return message
+    return cast(TaskMessage, message)
 
 
 def _task_id(message: dict) -> str | None:

@@ -1,10 +1,11 @@
 """Shapes of the data a task message carries (docs/design.md#messages), for type hints.
 
-`SerializedRequest` is the message's `req_data`: what `utils.serialize_request`
+`TaskMessage` is the message itself, every field it may carry declared once (message.FIELDS
+is read from it); `SerializedRequest` is its `req_data`: what `utils.serialize_request`
 returns and `utils.make_request` rebuilds a request from.
 """
 
-from typing import Any, TypedDict
+from typing import Any, Required, TypedDict
 
 
 class SerializedUser(TypedDict):
@@ -26,3 +27,28 @@ class SerializedRequest(TypedDict):
     annotations: dict[str, Any]
     container_url: str | None
     user: SerializedUser
+
+
+class TaskMessage(TypedDict, total=False):
+    """A task message (docs/design.md#messages): what add_task publishes, the worker decodes and
+    the state keeps as `job_data`. A field not declared here is refused by the worker."""
+
+    func: Required[str]  # the function's dotted name
+    task_id: Required[str]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    db_id: str | None
+    container_id: str | None
+    req_data: SerializedRequest
+    run: str  # this run's id (message.new_run)
+    queue: str  # a named queue it was sent to (absent: amqp.queue)
+    # per-task options (control.OPTIONS), present only when the task or the call set them
+    timeout: float
+    max_retries: int
+    priority: int
+    # when it may start, its deadline, where a plain def runs (docs/tasks.md), only when set
+    eta: float
+    expires: float
+    run_in: str
+    # when a signed message was issued (replay.ISSUED: its replays are refused after a while)
+    issued: float

@@ -328,8 +328,7 @@ class _Notifier:
         self.task = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        # without limits: only refused credentials end it (they stay refused; _refused says so,
-        # and the next watch() starts a listener anew)
+        # refused credentials stay refused: the listener stops (the next watch() starts anew)
         with contextlib.suppress(Exception):
             await retry(
                 self._subscribed,
