@@ -16,12 +16,13 @@ export RABBITMQ REDIS POSTGRESQL
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: venv install services test test-upstream test-ha test-long run lint format typecheck bench clean
+.PHONY: venv install services test test-upstream test-ha test-long test-tls run lint format typecheck bench clean
 
 # Bytecode written even where PYTHONDONTWRITEBYTECODE is set (this VM, most containers): else
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
 venv install: $(STAMP)
 	@$(BIN)/python -m compileall -q guillotina_amqp
+	@$(BIN)/python scripts/venv-paths.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,7 @@ $(BIN)/python:
 # nothing, so reinstall once it appears.
 $(STAMP): setup.py $(wildcard pyproject.toml setup.cfg guillotina_amqp/__init__.py) | $(BIN)/python
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -e '.[test,metrics]'
+	$(BIN)/python -m pip install -e '.[test,metrics,otel]'
 	touch $@
 
 services:
@@ -53,6 +54,11 @@ test-ha: install
 # 5 s timeout (scripts/ct-engine.sh, ct@localhost on 5760; about 2 minutes).
 test-long: install services
 	bash scripts/test-long.sh $(PYTEST_ARGS)
+
+# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
+# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
+test-tls: install services
+	bash scripts/test-tls.sh $(PYTEST_ARGS)
 
 run: install services
 	$(BIN)/python scripts/demo.py

@@ -60,5 +60,7 @@ setup(
     extras_require={
         "test": test_requires,
         "metrics": ["prometheus-client"],
+        # tracing: a publish span per add_task, a run span per task, linked through the message
+        "otel": ["opentelemetry-api>=1.20", "opentelemetry-sdk>=1.20"],
     },
 )

@@ -2,6 +2,7 @@
 
 from typing import Any, Callable, TypeVar
 
+import orjson
 from guillotina import configure, task_vars
 from guillotina.api.service import Service
 from guillotina.component import get_utility
@@ -70,6 +71,14 @@ def _owns(state: dict, context: Any) -> bool:
     job_data = state.get("job_data") or state
     db = task_vars.db.get()
     return job_data.get("db_id") == getattr(db, "id", None) and job_data.get("container_id") == context.id
+
+
+def visible(task_id: str, state: dict, context: Any, prefix: str, ambiguous: bool) -> bool:
+    """Whether the task `task_id` (its `state` read) is one of this container's, by the rule of
+    TaskService: an id made for this very container (not one that only starts with its prefix,
+    like container "a-x"'s for "a"), and, where another database makes the same ids, a state
+    whose stored message names this database and container."""
+    return in_container(task_id, prefix) and (not ambiguous or _owns(state, context))
 
 
 class TaskService(Service):
@@ -196,6 +205,46 @@ async def list_queues(context: Any, request: Any) -> dict[str, Any]:
     depths = await queues.depths(get_settings())
     chart = await task_index.throughput(get_state_manager(), _container_prefix(context))
     return {"queues": depths, "throughput": chart}
+
+
+@container_service(
+    "POST",
+    "@amqp-queues/dead-letters/requeue",
+    'Move this container\'s dead letters (all, or those of {"task_id": ...}) back into the main '
+    "queue; those that do not verify are refused, left in the error queue, each with its reason",
+)
+async def requeue_dead_letters(context: Any, request: Any) -> dict[str, Any]:
+    body = await _json_body(request)
+    task_id = body.get("task_id")
+    if task_id is not None and not isinstance(task_id, str):
+        raise HTTPBadRequest(content={"reason": "task_id must be a string"})
+    prefix = _container_prefix(context)
+    ambiguous = _lookalike_prefix(prefix)
+
+    def ours(message: Any) -> bool:
+        # the error queue holds every container's dead letters: only this one's are touched
+        task = message if isinstance(message, dict) else {}
+        return isinstance(task.get("task_id"), str) and visible(
+            task["task_id"], task, context, prefix, ambiguous
+        )
+
+    done = await queues.requeue(get_settings(), task_id, ours)
+    return {
+        "requeued": [letter.describe()["task_id"] for letter in done.moved],
+        "refused": [{"task_id": letter.describe()["task_id"], "reason": why} for letter, why in done.refused],
+    }
+
+
+async def _json_body(request: Any) -> dict[str, Any]:
+    """The request's JSON object (an empty body is {}); 400 for anything else."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise HTTPBadRequest(content={"reason": "the body must be a JSON object"})
+    return body
 
 
 def _redacted(job_data: dict) -> dict:

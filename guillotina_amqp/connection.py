@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 import random
+import ssl
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
@@ -19,8 +20,9 @@ import backoff
 from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
-from guillotina_amqp import names
+from guillotina_amqp import names, tls
 from guillotina_amqp.cancelling import cancel_and_wait
+from guillotina_amqp.exceptions import InvalidSettings, TLSFailure
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -42,6 +44,10 @@ CONNECT_TIMEOUT = 10.0
 Listener = Callable[[], Awaitable[None]]
 #: sets up what a subscriber needs on the connection; returns {what: event set once it is lost}
 Setup = Callable[[], Awaitable[dict[str, asyncio.Event]]]
+
+
+def _is_tls_failure(exc: Exception) -> bool:
+    return isinstance(exc, TLSFailure)
 
 
 async def retrying(
@@ -76,6 +82,8 @@ class AMQPConnection:
         self.transport: asyncio.BaseTransport | None = None
         self.protocol: aioamqp.AmqpProtocol | None = None
         self._addresses = settings.addresses()
+        #: amqp.ssl's context (None: plain TCP); built now, so a missing CA file stops us at once
+        self._ssl = tls.client_context(settings.ssl) if settings.ssl is not None else None
         # connections start on a random broker, so workers spread over the cluster's nodes
         self._current = random.randrange(len(self._addresses))
         self._listeners: list[Listener] = []
@@ -95,8 +103,11 @@ class AMQPConnection:
 
     async def open(self, max_time: float = 60) -> None:
         """Connect to a broker, retrying with exponential backoff for up to `max_time` seconds,
-        and declare the topology; from then on, reconnect whenever the connection is lost."""
-        await retrying(self._connect_any, max_time)
+        and declare the topology; from then on, reconnect whenever the connection is lost.
+
+        A broker whose certificate does not verify is not retried: TLSFailure at once (once
+        open, a reconnection keeps trying: a certificate may be renewed meanwhile)."""
+        await retrying(self._connect_any, max_time, giveup=_is_tls_failure)
         try:
             await self.declare_topology()
         except BaseException:
@@ -136,6 +147,13 @@ class AMQPConnection:
             try:
                 await asyncio.wait_for(self._connect(*self._addresses[self._current]), CONNECT_TIMEOUT)
                 return
+            except ssl.SSLError as exc:
+                # never retried over plain TCP: the operator asked for TLS
+                error = TLSFailure(
+                    f"TLS to RabbitMQ at {self.address} (amqp.ssl): {tls.describe_failure(exc)}"
+                )
+                logger.warning("%s could not connect to RabbitMQ: %s", self.name, error)
+                self._current = (self._current + 1) % len(self._addresses)
             except CONNECTION_ERRORS as exc:
                 error = exc
                 logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
@@ -151,6 +169,7 @@ class AMQPConnection:
             login=s.login,
             password=s.password,
             virtualhost=s.vhost,
+            **self._tls_option(factory),
             **_accepted_by(
                 factory,
                 heartbeat=s.heartbeat,
@@ -161,6 +180,15 @@ class AMQPConnection:
         if isinstance(getattr(self.protocol, "_stream_writer", None), asyncio.StreamWriter):
             self.protocol._stream_writer = CoalescingWriter(self.protocol._stream_writer)
         logger.info("Connected to RabbitMQ at %s", self.address)
+
+    def _tls_option(self, factory: Callable[..., Any]) -> dict[str, Any]:
+        """{"ssl": context} with amqp.ssl; a factory that cannot take it is refused, since dropping
+        it would connect over plain TCP."""
+        if self._ssl is None:
+            return {}
+        if not _accepted_by(factory, ssl=True):
+            raise InvalidSettings("amqp.ssl is set, but amqp.connection_factory takes no 'ssl' argument")
+        return {"ssl": self._ssl}
 
     async def channel(self, confirm: bool = False) -> Channel:
         """A new channel; in confirm mode when `confirm` (publishes wait for the broker)."""

@@ -26,9 +26,11 @@ class EagerWorker(Worker):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def run(self, body: bytes) -> None:
-        """Handle one message as a worker would; return once its first run is settled."""
-        properties = SimpleNamespace(headers=messages.sign_headers(body, self.settings))
+    async def run(self, body: bytes, headers: dict | None = None) -> None:
+        """Handle one message as a worker would; return once its first run is settled.
+        `headers`: the message's own (the trace context of the publish)."""
+        headers = {**messages.sign_headers(body, self.settings), **(headers or {})}
+        properties = SimpleNamespace(headers=headers)
         delivery = Delivery(None, body, None, properties, self.queues[0])  # type: ignore[arg-type]
         await self._spawn(self._handle(delivery))
 
@@ -72,6 +74,6 @@ def get_worker(settings: AMQPSettings) -> EagerWorker:
     return worker
 
 
-async def run(body: bytes, settings: AMQPSettings) -> None:
+async def run(body: bytes, settings: AMQPSettings, headers: dict | None = None) -> None:
     """Run the task message `body` in this process (eager mode)."""
-    await get_worker(settings).run(body)
+    await get_worker(settings).run(body, headers)

@@ -60,6 +60,14 @@ class TaskStateUnusable(AMQPError):
     """The task's Redis key holds something that is not a task state (a poison message's doing)."""
 
 
+class RunFromTheFuture(TaskStateUnusable):
+    """A message's run is later than the state store's clock could have made: a forgery, refused
+    (into the error queue) so that it never orders the later runs of its task id."""
+
+    def __init__(self, task_id: str, run: str) -> None:
+        super().__init__(f"task {task_id}: run {run[:40]!r} is later than the state store's clock allows")
+
+
 class ResultNotStorable(AMQPError, TypeError):
     """A task returned a value JSON cannot hold (a set, bytes...): the run counts as failed."""
 
@@ -74,6 +82,11 @@ class TaskNotAllowed(InvalidMessage):
 
 class StateManagerUnavailable(AMQPError, ConnectionError):
     """The configured state manager cannot be reached or is misconfigured."""
+
+
+class TLSFailure(AMQPError, ConnectionError):
+    """A TLS connection could not be made (a certificate that does not verify, a plain-TCP port):
+    never retried over plain TCP; the message names the address and the setting, never a secret."""
 
 
 class MessageNotRouted(AMQPError):

@@ -194,7 +194,7 @@ def _redirected(
 
 
 async def _result(answer: "aiohttp.ClientResponse", call: _Call) -> dict[str, Any]:
-    raw = await answer.read()
+    raw = await _read_bounded(answer, call, get_settings().http_tasks.max_body_bytes)
     body = _body(answer, raw)
     quoted = f"HTTP {answer.status} from {call.method} {call.url}: {str(body)[:QUOTED_BODY]}"
     if answer.status >= 500:
@@ -204,6 +204,28 @@ async def _result(answer: "aiohttp.ClientResponse", call: _Call) -> dict[str, An
     # str(): multidict's istr names are no JSON keys to orjson
     kept = {str(k): v for k, v in answer.headers.items() if k.lower() not in SECRET_ANSWER_HEADERS}
     return {"status": answer.status, "headers": kept, "body": body}
+
+
+#: bytes read from an answer at a time
+READ_CHUNK = 65536
+
+
+async def _read_bounded(answer: "aiohttp.ClientResponse", call: _Call, limit: int) -> bytes:
+    """The answer's body, or Fail once it is larger than `limit`: it becomes the task's result
+    (a state, the REST answer, the dashboard), so a host must not fill them (or the worker's
+    memory) with what it sends. Read no further than the limit, whatever Content-Length says."""
+    too_large = Fail(
+        f"HTTP {answer.status} from {call.method} {call.url}: the answer's body is larger than "
+        f"amqp.http_tasks.max_body_bytes ({limit} bytes)"
+    )
+    if answer.content_length is not None and answer.content_length > limit:
+        raise too_large
+    raw = bytearray()
+    async for chunk in answer.content.iter_chunked(READ_CHUNK):
+        raw += chunk
+        if len(raw) > limit:
+            raise too_large
+    return bytes(raw)
 
 
 def _body(answer: "aiohttp.ClientResponse", raw: bytes) -> Any:

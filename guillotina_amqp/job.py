@@ -19,7 +19,7 @@ import orjson
 from guillotina.component import get_utility
 from guillotina.interfaces import IApplication
 
-from guillotina_amqp import context, offload, registry
+from guillotina_amqp import context, offload, registry, tracing
 from guillotina_amqp.exceptions import (
     ContainerNotFound,
     Discard,
@@ -73,7 +73,9 @@ class Job:
     channel: Any = None
     envelope: Any = None
 
-    def __init__(self, data: Any, settings: Any, state_manager: Any = None, envelope: Any = None) -> None:
+    def __init__(
+        self, data: Any, settings: Any, state_manager: Any = None, envelope: Any = None, headers: Any = None
+    ) -> None:
         if not isinstance(settings, AMQPSettings):  # the original's shape, told by its 2nd argument
             self.base_request, self.channel, self.envelope = data, state_manager, envelope
             data, settings, state_manager = settings, None, None
@@ -88,6 +90,8 @@ class Job:
         self.cancel_requested = False
         self.started: float | None = None
         self.retries = 0
+        #: the message's headers (the trace context of the publish, when traced)
+        self.headers: dict | None = headers
 
     @property
     def settings(self) -> AMQPSettings:
@@ -167,6 +171,12 @@ class Job:
 
     async def run(self) -> Outcome:
         """Run the task; never raises except to let the worker's shutdown through."""
+        with tracing.run_span(self, self.headers) as span:
+            outcome = await self._outcome()
+            tracing.ended(span, self, outcome)
+            return outcome
+
+    async def _outcome(self) -> Outcome:
         self.started = time.monotonic()
         amqp_job.set(self)
         try:

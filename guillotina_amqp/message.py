@@ -2,9 +2,7 @@
 
 import hashlib
 import hmac
-import secrets
 import string
-import time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -13,7 +11,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp import control, expiry, offload, timing
+from guillotina_amqp import control, expiry, offload, replay, runs, timing
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -29,6 +27,8 @@ FIELDS = frozenset({"func", "args", "kwargs", "db_id", "container_id", "task_id"
 FIELDS |= frozenset(control.OPTIONS)
 #: When the task may start, its deadline, where a plain def runs (docs/tasks.md), present only when set.
 FIELDS |= {"eta", "expires", "run_in"}
+#: When a signed message was issued (its replays are refused after a while), set only when signing.
+FIELDS |= {replay.ISSUED}
 
 # The worker logs the user in from the explicit `user` block, so credentials
 # carried by the scheduling request are never needed there: keep them out of
@@ -36,11 +36,6 @@ FIELDS |= {"eta", "expires", "run_in"}
 SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
 #: Query parameters carrying credentials (guillotina's websocket token, OAuth-style tokens).
 SECRET_QUERY = frozenset({"ws_token", "access_token"})
-
-
-def new_run() -> str:
-    """An id for one run of a task; later runs sort after earlier ones (as text)."""
-    return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
 
 
 #: headers RabbitMQ writes when it dead-letters a message; a forged, malformed one crashes
@@ -204,7 +199,8 @@ def trusted_identity(body: bytes, headers: dict | None, settings: AMQPSettings) 
         verify(body, headers, settings)
         message = orjson.loads(body)
         run = message.get("run", "")
-        return check_task_id(message.get("task_id")), run if isinstance(run, str) else ""
+        # a malformed run is recorded as none: it could otherwise order the id's later runs
+        return check_task_id(message.get("task_id")), run if runs.RUN_PATTERN.fullmatch(str(run)) else ""
     except (InvalidMessage, ValueError, AttributeError, TypeError):  # JSONDecodeError is a ValueError
         return None
 
@@ -221,7 +217,7 @@ def decode(body: bytes, headers: dict | None, settings: AMQPSettings) -> dict:
     if not isinstance(message, dict):
         raise InvalidMessage("body is not a JSON object")
     task_id = _task_id(message)
-    _check_fields(message, task_id)
+    _check_fields(message, task_id, settings)
     _drop_credentials(message["req_data"])
     try:
         orjson.dumps(message)  # what cannot be encoded again could never be stored as job_data
@@ -239,7 +235,7 @@ def _task_id(message: dict) -> str | None:
         raise InvalidMessage(f"invalid task_id: {exc}") from None
 
 
-def _check_fields(message: dict, task_id: str | None) -> None:
+def _check_fields(message: dict, task_id: str | None, settings: AMQPSettings) -> None:
     unknown = sorted(str(name)[:40] for name in set(message) - FIELDS)
     if unknown:
         raise InvalidMessage(f"unknown fields {', '.join(unknown[:5])}", task_id)
@@ -254,8 +250,10 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         raise InvalidMessage("'kwargs' is not an object", task_id)
     if not isinstance(message.setdefault("req_data", {}), dict):
         raise InvalidMessage("'req_data' is not an object", task_id)
-    if not isinstance(message.setdefault("run", ""), str):
-        raise InvalidMessage("'run' is not a string", task_id)
+    try:
+        runs.check_run(message.setdefault("run", ""))
+    except ValueError as exc:
+        raise InvalidMessage(str(exc), task_id) from None
     for name in ("db_id", "container_id"):
         if not isinstance(message.setdefault(name, None), (str, type(None))):
             raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
@@ -272,6 +270,7 @@ def _check_fields(message: dict, task_id: str | None) -> None:
         raise InvalidMessage("'queue' is not a string", task_id)
     _check_request(message["req_data"], task_id)
     _check_when(message, task_id)
+    replay.check_fresh(message, settings, task_id)
 
 
 #: req_data's fields and the types the worker can rebuild a request and a user from

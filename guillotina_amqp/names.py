@@ -58,8 +58,10 @@ def delay_tier_floor_ms(delay_ms: float) -> int | None:
     return DELAY_TIERS_MS[index - 1] if index else None
 
 
-def delay_tier_queue(queue: str, ttl_ms: int) -> str:
-    return f"{queue}-delay-{ttl_ms}ms"
+def delay_tier_queue(queue: str, ttl_ms: int, quorum: bool = False) -> str:
+    # a quorum tier is named apart: redeclaring a classic tier of the same name as a quorum
+    # queue would fail (406) while workers of both kinds run during the switch
+    return f"{queue}-{'q' if quorum else ''}delay-{ttl_ms}ms"
 
 
 def delay_tier(
@@ -70,13 +72,17 @@ def delay_tier(
     declared on use and expire once unused, so their number never grows on the broker."""
     ttl = delay_tier_ms(delay_ms)
     queue = queue or settings.queue
-    return delay_tier_queue(queue, ttl), {
+    arguments: dict[str, Any] = {
         "x-dead-letter-exchange": settings.exchange,
         "x-dead-letter-routing-key": queue,
         "x-message-ttl": ttl,
         # declared again before every use: idle for longer, its last message is long gone
         "x-expires": 2 * ttl + TIER_EXPIRES_AFTER_MS,
     }
+    quorum = settings.queue_type == "quorum"
+    if quorum:  # a countdown or a backed-off retry is replicated too
+        arguments |= _quorum_arguments(arguments)
+    return delay_tier_queue(queue, ttl, quorum), arguments
 
 
 #: Priorities (docs/tasks.md#priorities): tasks given one wait in `<queue>-priority`, declared with
@@ -137,7 +143,7 @@ DEFAULT_QUEUE = "default"
 #: Named queues: these characters; no "amq." prefix (RabbitMQ reserves it).
 QUEUE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.:")
 #: RabbitMQ's limit is 255 bytes, and the name's priority queue and its delay tiers must fit it too.
-MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")
+MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")  # fits "-quorum-qdelay-…" too
 
 
 def task_queue(name: Any, settings: AMQPSettings) -> str:

@@ -44,7 +44,7 @@ class Presence:
             "worker_id": worker.worker_id,
             "host": self.host,
             "pid": self.pid,
-            "queue": worker.settings.queue,
+            "queue": ", ".join(worker.queues),  # what --queue named, not only amqp.queue
             "started": self.started,
             "seen": time.time(),
             "running": running,

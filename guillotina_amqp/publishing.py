@@ -78,10 +78,12 @@ class Publisher:
         retries: int = 3,
         headers: dict | None = None,
         priority: int | None = None,
+        sign: bool = True,
     ) -> None:
         """Publish `body` persistently to the exchange; return once RabbitMQ confirmed it.
 
-        `priority`: the message's AMQP priority (what a priority queue orders by).
+        `priority`: the message's AMQP priority (what a priority queue orders by). `sign`:
+        False to pass on a message as it is, signature header included (a requeued dead letter).
 
         A closed connection or channel is replaced and the publish tried again, up to
         `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
@@ -89,7 +91,7 @@ class Publisher:
         declared it) would be lost: the queues are declared again and the message
         published once more, else MessageNotRouted.
         """
-        properties = self._properties(body, headers)
+        properties = self._properties(body, headers, sign)
         if priority is not None:
             properties["priority"] = priority
         redeclared = False
@@ -129,14 +131,15 @@ class Publisher:
         """Declare (and bind) a queue outside the fixed topology, e.g. a delay tier."""
         await declare_queue(await self._ready_channel(), self.settings, queue, arguments)
 
-    def _properties(self, body: bytes, headers: dict | None) -> dict[str, Any]:
+    def _properties(self, body: bytes, headers: dict | None, sign: bool = True) -> dict[str, Any]:
         # message_id tells which publish a basic.return is about
         properties: dict[str, Any] = {
             "delivery_mode": 2,
             "content_type": "application/json",
             "message_id": uuid.uuid4().hex,
         }
-        all_headers = {**messages.sign_headers(body, self.settings), **(headers or {})}
+        signed = messages.sign_headers(body, self.settings) if sign else {}
+        all_headers = {**signed, **(headers or {})}
         if all_headers:
             properties["headers"] = all_headers
         return properties

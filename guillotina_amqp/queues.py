@@ -7,23 +7,28 @@ copy, so stopping half way loses nothing (at worst one message is in both queues
 """
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aioamqp
+import orjson
 from aioamqp.channel import Channel
 
-from guillotina_amqp import names
+from guillotina_amqp import message as messages
+from guillotina_amqp import names, replay
 from guillotina_amqp.connection import AMQPConnection
-from guillotina_amqp.message import SIGNATURE_HEADER
+from guillotina_amqp.exceptions import InvalidMessage
 from guillotina_amqp.publishing import Publisher
 from guillotina_amqp.settings import AMQPSettings
 from guillotina_amqp.state.manager import get_state_manager, is_valid_task_id
 from guillotina_amqp.state.status import TaskStatus
 
-#: headers a requeued copy goes without: the broker's dead-lettering record (it starts clean)
-#: and the old signature (the publisher signs it again with the current key)
+logger = logging.getLogger("guillotina_amqp")
+
+#: headers a requeued copy goes without: the broker's dead-lettering record (it starts clean).
+#: The signature stays: a dead letter is never signed again, only passed on as it was signed.
 DROPPED_HEADERS = frozenset(
     {
         "x-death",
@@ -33,7 +38,6 @@ DROPPED_HEADERS = frozenset(
         "x-last-death-exchange",
         "x-last-death-queue",
         "x-last-death-reason",
-        SIGNATURE_HEADER,
     }
 )
 
@@ -46,8 +50,6 @@ class DeadLetter:
 
     def describe(self) -> dict[str, Any]:
         """The message as JSON for people and scripts (its body decoded when it is JSON)."""
-        import orjson
-
         try:
             message: Any = orjson.loads(self.body)
         except orjson.JSONDecodeError:
@@ -110,13 +112,25 @@ async def dead_letters(settings: AMQPSettings, limit: int = 100) -> list[DeadLet
     return found
 
 
-async def requeue(settings: AMQPSettings, task_id: str | None = None) -> list[DeadLetter]:
-    """Move the error queue's messages (only `task_id`'s if given) back into the main queue.
+@dataclass
+class Requeued:
+    """What a requeue did: the letters moved, and those it refused (left in the error queue)
+    with the reason of each."""
+
+    moved: list[DeadLetter]
+    refused: list[tuple[DeadLetter, str]]
+
+
+async def requeue(
+    settings: AMQPSettings, task_id: str | None = None, wanted: Callable[[dict], bool] | None = None
+) -> Requeued:
+    """Move the error queue's messages (only `task_id`'s if given, only those whose message
+    `wanted` accepts) back into the main queue, as they were signed.
 
     Only the messages there when it starts: one that fails again and comes back is left
-    for the next requeue. Skipped messages stay unacked until the end, then go back.
+    for the next requeue. Skipped and refused messages stay unacked until the end, then go back.
     """
-    moved: list[DeadLetter] = []
+    done = Requeued([], [])
     error_queue = names.error_queue(settings.queue)
     async with _channel(settings) as (connection, channel):
         waiting = (await channel.queue_declare(error_queue, passive=True))["message_count"]
@@ -125,14 +139,42 @@ async def requeue(settings: AMQPSettings, task_id: str | None = None) -> list[De
             letter = await _get(channel, error_queue)
             if letter is None:
                 break
-            if task_id is not None and letter.describe()["task_id"] != task_id:
+            described = letter.describe()
+            if task_id is not None and described["task_id"] != task_id:
+                continue
+            if wanted is not None and not wanted(described["message"]):
+                continue
+            problem = refusal(letter, settings)
+            if problem is not None:
+                # %r: the id is the message's own text, whatever it holds
+                logger.warning("Dead letter of task %r not requeued: %s", described["task_id"], problem)
+                done.refused.append((letter, problem))
                 continue
             headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
-            await _reopen(letter.describe()["message"])
-            await publisher.publish(letter.body, settings.queue, retries=0, headers=headers)
+            await _reopen(described["message"])
+            await publisher.publish(letter.body, settings.queue, retries=0, headers=headers, sign=False)
             await channel.basic_client_ack(letter.delivery_tag)
-            moved.append(letter)
-    return moved
+            done.moved.append(letter)
+    return done
+
+
+def refusal(letter: DeadLetter, settings: AMQPSettings) -> str | None:
+    """Why `letter` must not go back to the main queue (None: it may).
+
+    With signing on, a message lands in the error queue because it did not verify, among
+    other reasons: requeueing it as it is must not make it runnable, so it is checked as a
+    worker checks it — signed with a current or previous key, not a replay.
+    """
+    try:
+        messages.verify(letter.body, letter.headers, settings)
+        if settings.signing_key:
+            message = orjson.loads(letter.body)
+            replay.check_fresh(message if isinstance(message, dict) else {}, settings)
+    except InvalidMessage as exc:
+        return exc.reason
+    except orjson.JSONDecodeError:
+        return "body is not valid JSON"
+    return None
 
 
 async def _reopen(message: Any) -> None:

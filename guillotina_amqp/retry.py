@@ -6,7 +6,7 @@ log), and any copy of the old run still waiting (a retry in the delay queue) is 
 """
 
 from guillotina_amqp import message as messages
-from guillotina_amqp import names
+from guillotina_amqp import names, replay
 from guillotina_amqp.exceptions import TaskNotFoundException
 from guillotina_amqp.publishing import get_publisher
 from guillotina_amqp.settings import get_settings
@@ -35,8 +35,9 @@ async def retry_task(task_id: str) -> None:
     if await manager.is_locked(task_id):
         raise RetryRefused(f"task {task_id} is still held by a worker; try again when it has let go")
     settings = get_settings()
-    run = messages.new_run()
-    message = {**job_data, "task_id": task_id, "run": run}
+    run = await manager.next_run(task_id)
+    # issued now: the stored message's own issue time may be older than a replay may be
+    message = replay.stamp({**job_data, "task_id": task_id, "run": run}, settings)
     body = messages.encode(message, settings)
     await manager.clean_canceled(task_id)  # else the worker would cancel the new run at once
     queue = names.task_queue(job_data.get("queue"), settings)

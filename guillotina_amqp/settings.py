@@ -1,10 +1,13 @@
-"""The `amqp` settings block (docs/settings.md) read as one typed, checked object.
+"""The `amqp` settings block (docs/settings.md), and the `redis` block as the state store reads
+it, each read as one typed, checked object.
 
 `AMQPSettings` declares every setting once: name, type and default. `DEFAULTS`
 (what the add-on puts in `app_settings["amqp"]`) is derived from it, and
 `get_settings()` reads each value as its declared type, so strings that
 guillotina takes from the environment (`G_AMQP__MAX_TASK_RETRIES=3`) or from
 `--override amqp.port=5673` come out as numbers, None, booleans and lists.
+`RedisSettings` and `get_redis_settings()` do the same for the `redis` block
+(`G_REDIS__DB=2`, `G_REDIS__PASSWORD=...`).
 """
 
 import collections.abc
@@ -43,6 +46,23 @@ class HTTPTasksSettings:
     #: secret name -> header value, for headers a task names with `secret_headers=`; the values
     #: live in the workers' configuration only, never in messages, states or logs
     secrets: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
+    #: bytes an answer's body may have: it is stored as the task's result (larger: errored)
+    max_body_bytes: int = 1048576
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """`amqp.ssl` given as a block (`ssl: true` is this block's defaults): TLS to every broker."""
+
+    #: the CA bundle the brokers' certificates must chain to (None: the system's CAs)
+    cafile: str | None = None
+    #: a client certificate and its key, for brokers that require one (mutual TLS)
+    certfile: str | None = None
+    keyfile: str | None = None
+    #: false accepts any certificate and host name (still encrypted): test brokers only
+    verify: bool = True
+    #: the name the certificate must carry, when it is not the host connected to (an IP address)
+    server_hostname: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +99,17 @@ class AMQPSettings:
     allowed_tasks: tuple[str, ...] | None = None
     signing_key: str | None = field(default=None, repr=False, metadata={NON_EMPTY: True})
     previous_signing_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: seconds a signed message stays valid after it was issued, on top of the waits it asked
+    #: for itself (its countdown, its retries); None: state_ttl. Older: a replay, refused
+    replay_window: int | None = None
     # bounds on what one message may cost (issue 16)
     max_message_bytes: int = 1048576
     max_eventlog: int = 1000
     # beyond one machine (docs/operations.md#production-topology)
     hosts: tuple[str, ...] = ()
     queue_type: str = "classic"
+    # production connections (issue 24): None is plain TCP; true or a block is TLS (amqps)
+    ssl: TLSSettings | None = None
     # task control (docs/tasks.md)
     task_timeout: float | None = None
     retry_backoff: bool = False
@@ -100,7 +125,49 @@ class AMQPSettings:
         `port`) or else `host`:`port`."""
         if not self.hosts:
             return [(self.host, self.port)]
-        return [_address(entry, self.port) for entry in self.hosts]
+        return [parse_address(entry, self.port) for entry in self.hosts]
+
+
+#: what `redis.ssl_cert_reqs` accepts (redis-py's names)
+CERT_REQS = ("none", "optional", "required")
+#: the schemes `redis.url` accepts (rediss:// is TLS)
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The `redis` block as the state store reads it: where the task state lives, and how to
+    log in there. guillotina.contrib.redis reads `host` and `port` only; the state store, its
+    pipelined connection, its listener and the Sentinel path read all of these. Other keys of
+    the block (guillotina's `pool`, `cluster_mode`) are left to guillotina."""
+
+    host: str = "localhost"
+    port: int = 6379
+    db: int = 0
+    #: an ACL user (Redis 6+); None logs in as `default` with `password` alone
+    username: str | None = None
+    password: str | None = field(default=None, repr=False, metadata={NON_EMPTY: True})
+    #: one URL instead: redis://[[user]:password@]host[:port][/db], rediss:// for TLS. What it
+    #: names wins over the settings above; it may hold a password, so it is a secret too
+    url: str | None = field(default=None, repr=False, metadata={NON_EMPTY: True})
+    ssl: bool = False
+    #: the CA bundle the server's certificate must chain to (None: the system's CAs)
+    ssl_ca_certs: str | None = None
+    #: a client certificate and its key, for servers that require one (tls-auth-clients)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: "required" (certificate and host name checked), "optional" or "none"
+    ssl_cert_reqs: str = "required"
+    # Redis Sentinel: "host:port" of each Sentinel, and the master they watch
+    sentinels: tuple[str, ...] = ()
+    master_name: str = "mymaster"
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.ssl or (self.url or "").startswith("rediss://")
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [parse_address(entry, None, "redis.sentinels") for entry in self.sentinels]
 
 
 def _plain(value: Any) -> Any:
@@ -166,11 +233,41 @@ def parse(block: Mapping[str, Any], prefix: Any = AMQPSettings.redis_prefix_key)
     return _checked(AMQPSettings(**values))
 
 
+_last_redis: tuple[dict, RedisSettings] | None = None
+
+
+def get_redis_settings() -> RedisSettings:
+    """The `redis` block, read and checked (InvalidSettings naming the setting, never a secret)."""
+    global _last_redis
+    block = app_settings.get("redis")
+    if block is None:
+        block = {}
+    last = _last_redis
+    if last is not None and last[0] == block:
+        return last[1]
+    settings = _checked_redis(_read_block(RedisSettings, block, ("redis",)))
+    _last_redis = (copy.deepcopy(block), settings)
+    return settings
+
+
+def _checked_redis(settings: RedisSettings) -> RedisSettings:
+    if settings.ssl_cert_reqs not in CERT_REQS:
+        raise InvalidSettings(
+            f"redis.ssl_cert_reqs must be one of {CERT_REQS}, not {settings.ssl_cert_reqs!r}"
+        )
+    scheme = (settings.url or "").partition("://")[0]
+    if settings.url is not None and scheme not in REDIS_SCHEMES:
+        # the URL itself is never shown: it may hold the password
+        raise InvalidSettings(f"redis.url must start with redis://, rediss:// or unix://, not {scheme!r}")
+    settings.sentinel_addresses()  # raises on a bad entry
+    return settings
+
+
 def _checked(settings: AMQPSettings) -> AMQPSettings:
     """What types alone cannot say: valid hosts, a known queue type (quorum queues have names of
     their own: RabbitMQ refuses to re-declare a queue with other arguments)."""
     for entry in settings.hosts:
-        _address(entry, settings.port)  # raises on a bad entry
+        parse_address(entry, settings.port)  # raises on a bad entry
     if settings.queue_type not in QUEUE_TYPES:
         raise InvalidSettings(f"amqp.queue_type must be one of {QUEUE_TYPES}, not {settings.queue_type!r}")
     if settings.queue_type == "quorum":
@@ -178,10 +275,14 @@ def _checked(settings: AMQPSettings) -> AMQPSettings:
     return settings
 
 
-def _address(entry: str, default_port: int) -> tuple[str, int]:
-    host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", str(default_port))
+def parse_address(entry: str, default_port: int | None, setting: str = "amqp.hosts") -> tuple[str, int]:
+    """("host", port) of "host:port"; a bare "host" gets `default_port` unless it is None."""
+    if ":" in entry or default_port is None:
+        host, _, port = entry.rpartition(":")
+    else:
+        host, port = entry, str(default_port)
     if not host or not port.isdigit():
-        raise InvalidSettings(f'amqp.hosts: {entry!r} is not "host:port"')
+        raise InvalidSettings(f'{setting}: {entry!r} is not "host:port"')
     return host, int(port)
 
 
@@ -189,6 +290,9 @@ def _read_setting(f: Any, value: Any, path: tuple[str, ...], kind: Any = None) -
     kind = kind or _TYPES[f.name]
     if isinstance(kind, type) and is_dataclass(kind):
         return _read_block(kind, value, path)
+    switched = _switched_block(kind)
+    if switched is not None:
+        return _read_switched_block(switched, value, path)
     if value is None and not _is_optional(kind):
         return f.default  # null (or absent) means the default where None is not a value
     try:
@@ -219,6 +323,28 @@ def _read_block(kind: type, value: Any, path: tuple[str, ...]) -> Any:
     return kind(**read)
 
 
+def _switched_block(kind: Any) -> type | None:
+    """The block type of a setting that is either off (None) or a block (`amqp.ssl`)."""
+    if not _is_optional(kind):
+        return None
+    others = [k for k in get_args(kind) if k is not type(None)]
+    if len(others) == 1 and isinstance(others[0], type) and is_dataclass(others[0]):
+        return others[0]
+    return None
+
+
+def _read_switched_block(kind: type, value: Any, path: tuple[str, ...]) -> Any:
+    """None, false or "false" -> None (off); true or "true" -> the block's defaults; a block
+    (a JSON object as text) -> the block, each of its settings read as its type."""
+    if isinstance(value, str) and value.strip().lower() in (*_NONE_WORDS, *_BOOL_WORDS):
+        value = _BOOL_WORDS.get(value.strip().lower())
+    if value is None or value is False:
+        return None
+    if value is True:
+        return kind()
+    return _read_block(kind, value, path)
+
+
 def read_top_level(name: str, kind: Any, default: Any) -> Any:
     """A top-level setting of the configuration (e.g. guillotina's `port`) read as `kind`."""
     value = app_settings.get(name)
@@ -233,10 +359,10 @@ def read_top_level(name: str, kind: Any, default: Any) -> Any:
 def _invalid(path: tuple[str, ...], exc: ValueError, value: Any, secret: bool = False) -> InvalidSettings:
     # a secret's value never reaches an error message (or the log that shows it)
     shown = f"a {type(value).__name__}" if secret else repr(value)
-    return InvalidSettings(f"{_where(path)} {exc}, not {shown}")
+    return InvalidSettings(f"{setting_name(path)} {exc}, not {shown}")
 
 
-def _where(path: tuple[str, ...]) -> str:
+def setting_name(path: tuple[str, ...]) -> str:
     """The setting's name, and the environment variable it came from if one set it."""
     name = ".".join(path)
     wanted = "g_" + "__".join(path)

@@ -7,6 +7,7 @@ moved to another status since the set was read, are skipped (and stale ones drop
 
 import base64
 import binascii
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -47,9 +48,14 @@ def decode_cursor(cursor: str) -> Position:
     """The position a cursor names; ValueError for anything page() did not make."""
     try:
         score, task_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return float(score), str(task_id)
     except (binascii.Error, ValueError, TypeError):
-        raise ValueError(f"invalid cursor {cursor!r}: pass the cursor of the previous page") from None
+        score = task_id = None
+    # only what encode_cursor writes: a finite number (a "nan" or "inf", as text or not, would
+    # reach the store's range query) and a task id
+    number = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+    if not number or not isinstance(task_id, str):
+        raise ValueError(f"invalid cursor {cursor[:100]!r}: pass the cursor of the previous page")
+    return float(score), task_id
 
 
 def check_query(limit: Any, status: str | None) -> int:

@@ -25,8 +25,11 @@ from guillotina_amqp import (
     names,
     offload,
     registry,
+    replay,
+    runs,
     settings,
     timing,
+    tracing,
 )
 from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
@@ -144,7 +147,9 @@ async def add_task(
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
     queue = task_queue(_queue, config)
     _check_priority(config, options.get("priority"))
-    run = messages.new_run()
+    manager = get_state_manager()
+    # an id of our own making has no earlier run to follow: no round trip to the store
+    run = runs.first_run() if _task_id is None else await manager.next_run(task_id)
     message = {
         **options,
         "func": _dotted_name(func),
@@ -158,15 +163,18 @@ async def add_task(
     }
     if queue != config.queue:
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
-    body = messages.encode(message, config)
-    if not config.eager:
-        await _publish(body, config, queue, timing.wait_ms(eta), _retries, options.get("priority"))
-    waiting = {"eta": eta} if eta is not None else {}
-    # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
-    await get_state_manager().create(task_id, initial_state(run) | waiting | {"job_data": message})
-    await events.notify(events.TaskScheduledEvent(task_id, task_name(_dotted_name(func), args)))
+    body = messages.encode(replay.stamp(message, config), config)
+    dotted_name = task_name(message["func"], args)
+    with tracing.publish_span(task_id, dotted_name, run) as trace_headers:
+        if not config.eager:
+            priority = options.get("priority")
+            await _publish(body, config, queue, timing.wait_ms(eta), _retries, priority, trace_headers)
+        waiting = {"eta": eta} if eta is not None else {}
+        # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
+        await manager.create(task_id, initial_state(run) | waiting | {"job_data": message})
+    await events.notify(events.TaskScheduledEvent(task_id, dotted_name))
     if config.eager:
-        await eager.run(body, config)
+        await eager.run(body, config, trace_headers)  # its run span a child of the publish span
     return TaskState(task_id)
 
 
@@ -189,10 +197,11 @@ async def _publish(
     wait_ms: int | None,
     retries: int,
     priority: int | None = None,
+    headers: dict | None = None,
 ) -> None:
     """To `queue` (its priority queue for a task given a priority), or into the delay tier a
     task waiting for its start sits in (which dead-letters it there later); a named or
-    priority queue is declared first."""
+    priority queue is declared first. `headers`: the message's own (the trace context)."""
     publisher = get_publisher(config)
     if priority is not None:
         queue = names.priority_queue(queue)
@@ -202,7 +211,7 @@ async def _publish(
     if wait_ms is not None:
         target, arguments = names.delay_tier(config, wait_ms, queue)
         await publisher.declare_queue(target, arguments)
-    await publisher.publish(body, target, retries=retries, priority=priority)
+    await publisher.publish(body, target, retries=retries, headers=headers, priority=priority)
 
 
 async def add_object_task(

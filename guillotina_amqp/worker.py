@@ -394,7 +394,8 @@ class Worker(OriginalWorkerNames):
         if self.connection is not None:
             self.connection.forget(self._consume)
         if self._channel is not None and self._channel.is_open:
-            for consumer_tag in self._consumer_tags:
+            # a copy: a consumer being set up again meanwhile adds its tags to the set
+            for consumer_tag in list(self._consumer_tags):
                 # bounded: a broker that never answers must not hold a stopping worker for ever
                 with contextlib.suppress(asyncio.TimeoutError, *CONNECTION_ERRORS):
                     await asyncio.wait_for(self._channel.basic_cancel(consumer_tag), STOP_CONSUMING_TIMEOUT)
@@ -435,7 +436,7 @@ class Worker(OriginalWorkerNames):
         if liveness.is_probe(delivery.headers):
             return await self._handle_probe(delivery)
         data = messages.decode(delivery.body, delivery.headers, self.settings)
-        job = Job(data, self.settings, self.state_manager)
+        job = Job(data, self.settings, self.state_manager, headers=delivery.headers)
         wait = timing.wait_ms(data.get("eta"))
         if wait is not None:
             # not its time yet: back into a delay tier, uncounted, without taking a slot
@@ -505,12 +506,23 @@ class Worker(OriginalWorkerNames):
                 await self._notify(events.TaskCanceledEvent, job)
             return Disposition(Action.ACK, job.label)
         job.retries = claim.job_retries
+        if claim.crashes and self._exhausted(claim.crashes - 1, job.max_retries):
+            return await self._died_too_often(job, claim.crashes)
         job.resolve()  # a function that may not run: refused, and the claimed run ends errored
         too_late = expiry.expired(job.data)
         if too_late:
             return await self._expire(job, too_late)
         await self._notify(events.TaskStartedEvent, job)
         return await self._settle(job, await self._run(job))
+
+    async def _died_too_often(self, job: Job, crashes: int) -> Disposition:
+        """Its worker died under it more often than it may be retried: the task itself may be what
+        kills them (memory, a native crash, os._exit), so it is not run again."""
+        reason = f"its worker died while running it {crashes} times; it may be what kills them"
+        logger.error("%s: %s; sending it to the error queue", job.label, reason)
+        await self._record(job, {"status": TaskStatus.ERRORED, "error": reason}, final=True)
+        await self._notify(events.TaskErroredEvent, job, exception=None, error=reason)
+        return Disposition(Action.DEAD_LETTER, job.label)
 
     async def _expire(self, job: Job, reason: str) -> Disposition:
         """Past its `_expires` deadline before it could start: never run, canceled."""

@@ -60,6 +60,12 @@ async def sleep_then_mark(path: str, seconds: float) -> str:
     return await write_marker(path, "done")
 
 
+async def exit_worker(path: str) -> None:
+    """Appends "started", then ends its worker's process on the spot, as an OOM kill would."""
+    await write_marker(path, "started")
+    os._exit(1)
+
+
 async def fail_until(path: str, failures: int) -> int:
     """Fails the first `failures` runs (counted in `path`), then returns the run number."""
     runs = 1 + (len(open(path).read().splitlines()) if os.path.exists(path) else 0)

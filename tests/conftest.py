@@ -23,13 +23,19 @@ from guillotina import testing  # noqa: E402
 from guillotina.tests import fixtures as guillotina_fixtures  # noqa: E402
 from guillotina.utils import merge_dicts  # noqa: E402
 
-pytest_plugins = ["pytest_docker_fixtures", "guillotina.tests.fixtures", "tests.own_redis"]
+pytest_plugins = [
+    "pytest_docker_fixtures",
+    "guillotina.tests.fixtures",
+    "tests.own_redis",
+    "tests.secure_redis",
+]
 
-# tests/ha needs the engines scripts/ha-engines.sh starts: `make test-ha` runs it
+# tests/ha needs the engines scripts/ha-engines.sh starts: `make test-ha` runs it; tests/tls
+# the TLS node of scripts/tls-engines.sh: `make test-tls`
 collect_ignore = [] if os.environ.get("GUILLOTINA_AMQP_HA") else ["ha"]
-# tests/long needs the short-consumer_timeout node of scripts/ct-engine.sh: `make test-long`
-if not os.environ.get("GUILLOTINA_AMQP_LONG"):
-    collect_ignore.append("long")
+collect_ignore += [] if os.environ.get("GUILLOTINA_AMQP_TLS") else ["tls"]
+# tests/long the short-consumer_timeout node of scripts/ct-engine.sh: `make test-long`
+collect_ignore += [] if os.environ.get("GUILLOTINA_AMQP_LONG") else ["long"]
 
 NAMESPACE: dict[str, str] = {"id": "unset", "manager": "redis"}  # "pg": database name, when used
 

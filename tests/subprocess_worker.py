@@ -29,7 +29,8 @@ def worker_config(**amqp: Any) -> dict:
         "root_user": {"password": "admin"},
         "jwt": {"secret": "foobar", "algorithm": "HS256"},
         "amqp": {**app_settings["amqp"], **amqp},
-        "redis": {k: v for k, v in app_settings["redis"].items() if k in ("host", "port")},
+        # where the state lives and how to log in there (guillotina's pool sizes stay its own)
+        "redis": {k: v for k, v in app_settings["redis"].items() if k not in ("pool", "cluster_mode")},
         "redis_prefix_key": app_settings["redis_prefix_key"],
         "logging": {
             "version": 1,

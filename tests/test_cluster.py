@@ -53,6 +53,18 @@ async def test_quorum_queues_run_retry_and_dead_letter_like_classic_ones(worker)
     assert (failed["status"], failed["job_retries"]) == (TaskStatus.ERRORED, 1)
 
 
+@QUORUM
+async def test_quorum_delay_tiers_are_quorum_queues(worker):
+    """A countdown (and a backed-off retry) waits in a delay tier: replicated like the rest."""
+    queue = app_settings["amqp"]["queue"]
+    final = await asyncio.wait_for((await add_task(app.add, 1, 2, _countdown=0.5)).join(), 60)
+    assert final["result"] == 3
+    tiers = {name: kind for name, kind in (await queue_types()).items() if "delay-" in name}
+    assert tiers and set(tiers.values()) == {"quorum"}, tiers
+    # named apart from the classic tiers a classic worker may still use during the switch
+    assert all(name.startswith(f"{queue}-quorum-qdelay-") for name in tiers)
+
+
 async def _counts_are(expected: list[int]) -> bool:
     return list((await queue_counts()).values()) == expected
 

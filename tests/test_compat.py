@@ -282,7 +282,8 @@ async def test_last_activity_and_check_activity(worker):
     worker.last_activity = time.time() - worker.settings.noop_after - 1
     assert await worker.check_activity() is True
     assert worker.activity.probes_sent == 1
-    await wait_for(lambda: worker.activity.probes_back == 1, what="the probe to come back")
+    # settled too: a delivery still being handled keeps the worker busy, so not idle
+    await wait_for(lambda: worker.activity.probes_back == 1 and not worker._handlers, what="the probe back")
     assert time.time() - 60 < worker.last_activity  # the probe's delivery counts as activity
 
     worker.last_activity = time.time() - worker.settings.kill_after - 1

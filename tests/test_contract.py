@@ -89,7 +89,9 @@ def test_the_add_on_publishes_every_default_in_app_settings():
         "allowed_tasks": None,
         "signing_key": None,
         "previous_signing_keys": [],
-        "http_tasks": {"allowed": [], "timeout": 30, "secrets": {}},
+        "replay_window": None,
+        "http_tasks": {"allowed": [], "timeout": 30, "secrets": {}, "max_body_bytes": 1048576},
+        "ssl": None,  # plain TCP unless amqp.ssl says TLS
     }
     as_configured = {**SPEC_DEFAULTS, "hosts": []}  # YAML and JSON have lists, not tuples
     assert guillotina_amqp.app_settings["amqp"] == {**as_configured, **security}

@@ -8,6 +8,7 @@ e.g. AMQP_FUZZ_COUNT=50000, is the same test.
 import os
 import random
 import string
+import time
 from typing import Any
 
 import aioamqp
@@ -78,8 +79,39 @@ def junk(rng: random.Random, depth: int = 0) -> Any:
     return {str(junk(rng, depth + 1))[:10]: junk(rng, depth + 1) for _ in range(rng.randrange(4))}
 
 
+#: runs a message may name: none, junk-shaped, from the future (forged), from the past (a stale copy)
+RUNS = [
+    "",
+    "x",
+    "9" * 20 + "-deadbeef",
+    "0" * 20 + "-00000000",
+    "1" * 20 + "-0000000g",
+    "1" * 21 + "-00000000",
+]
+
+
+def fuzzed_run(rng: random.Random) -> Any:
+    """A run no store made lately: never a newer run of the victim (that would be a real one)."""
+    return rng.choice([*RUNS, junk(rng)])
+
+
+def fuzzed_issued(rng: random.Random) -> Any:
+    """An issue time: now, long ago (a replay), far ahead, or no time at all."""
+    return rng.choice([time.time(), time.time() - 10**7, time.time() + 10**7, 0, -1.5, junk(rng)])
+
+
 def fuzzed_body(rng: random.Random) -> bytes:
-    kind = rng.randrange(7)
+    kind = rng.randrange(9)
+    if kind == 7:  # runs and issue times (the victim's id included)
+        message = task_message("tests.app.add", 1, 2)
+        message.update(task_id=rng.choice([VICTIM, message["task_id"]]), run=fuzzed_run(rng))
+        if rng.random() < 0.5:
+            message["issued"] = fuzzed_issued(rng)
+        return orjson.dumps(message)
+    if kind == 8:  # no message of ours: the original's, with any run and issue time
+        return orjson.dumps(
+            {**task_message("tests.app.add", 3, 4), "run": fuzzed_run(rng), "issued": junk(rng)}
+        )
     if kind == 0:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
     if kind == 6:  # numbers JSON has and Python's floats or 64-bit ints do not
@@ -140,6 +172,38 @@ async def test_fuzzed_messages_never_stall_a_worker_nor_touch_another_tasks_stat
     assert (final["status"], final["result"]) == (TaskStatus.FINISHED, 5)
     assert await get_state_manager().get(VICTIM) == victim
     await _only_own_ids_touched({_task_id(body) for body, _ in bodies} | {after.task_id})
+
+
+SIGNED_COUNT = max(COUNT // 5, 50)
+
+
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 0, "signing_key": "fuzz-key", "replay_window": 600}})
+async def test_fuzzed_runs_and_issue_times_of_signed_messages(worker):
+    """Messages signed with the right key, so that the run and issue-time checks are what meets
+    them: each is run, skipped or refused, and none touches the victim's state."""
+    victim = await (await add_task(app.add, 1, 1, _task_id=VICTIM)).join()
+    rng = random.Random(int(os.environ.get("AMQP_FUZZ_SEED", "1129")) + 1)
+    bodies = []
+    for _ in range(SIGNED_COUNT):
+        body = fuzzed_body(random.Random(rng.random())) if rng.random() < 0.2 else _run_shaped(rng)
+        bodies.append((body, {messages.SIGNATURE_HEADER: messages.signature(body, "fuzz-key")}))
+
+    assert await publish_all(bodies) == 0
+    await wait_for(lambda: _settled(worker, len(bodies)), timeout=240, what="every fuzzed message settled")
+
+    after = await add_task(app.add, 2, 3)
+    assert (await after.join())["result"] == 5
+    assert await get_state_manager().get(VICTIM) == victim
+    await _only_own_ids_touched({_task_id(body) for body, _ in bodies} | {after.task_id})
+
+
+def _run_shaped(rng: random.Random) -> bytes:
+    message = task_message("tests.app.add", 1, 2)
+    message.update(task_id=rng.choice([VICTIM, message["task_id"]]), run=fuzzed_run(rng))
+    message["issued"] = fuzzed_issued(rng)
+    if rng.random() < 0.3:
+        message["eta"] = rng.choice([time.time() - 10**6, time.time() + 0.5, message["issued"]])
+    return orjson.dumps(message)
 
 
 def _task_id(body: bytes) -> str | None:

@@ -94,6 +94,13 @@ async def test_decorated_task_goes_to_its_queue_and_only_its_workers_run_it(guil
     assert final["job_data"]["queue"] == named["A"]
 
 
+async def test_a_worker_announces_the_queues_it_consumes(guillotina_main, named):
+    async with running_worker(queues=[named["A"], named["B"]]) as worker:
+        await worker.presence.announce()
+        [announced] = await worker.state_manager.workers()
+    assert announced["queue"] == f"{named['A']}, {named['B']}"
+
+
 async def test_a_call_overrides_the_decorators_queue(guillotina_main, named):
     definition = task(REGISTERED, queue=named["A"])
     state = await definition(1, 2, _queue=named["B"])

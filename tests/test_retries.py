@@ -22,7 +22,8 @@ async def counts() -> tuple[int, int, int]:
     return found[0], found[1], found[2]
 
 
-@pytest.mark.app_settings({"amqp": {"max_task_retries": 2}})
+# a delay long enough that the first run's state is read before the second run starts
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 2, "delayed_ttl_ms": 4000}})
 async def test_failing_task_goes_through_the_delay_queue_then_to_the_error_queue(guillotina_main, tmp_path):
     marker = tmp_path / "runs"
     state = await add_task(app.fail_until, str(marker), 100)

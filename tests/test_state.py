@@ -267,6 +267,22 @@ async def test_claim_of_a_redelivery_keeps_retries_and_eventlog(state, manager):
 
 
 @BOTH
+async def test_a_claim_that_finds_a_run_nobody_holds_counts_a_crash(state, manager):
+    task_id = new_id()
+    assert (await state.claim(task_id, JOB, lock_ttl=60)).crashes == 0
+    await state.release(task_id)  # its worker died: the lock went, the state still says running
+    claim = await state.claim(task_id, JOB, lock_ttl=60)
+    assert (claim.outcome, claim.crashes, claim.job_retries) == (CLAIMED, 1, 0)
+    await state.release(task_id)
+    assert (await state.claim(task_id, JOB, lock_ttl=60)).crashes == 2
+    assert (await state.get(task_id))["crashes"] == 2
+    # a run that ended and was delivered again is no crash
+    await state.finish(task_id, {"status": TaskStatus.FINISHED}, None, run=JOB.get("run"))
+    claim = await state.claim(task_id, JOB, lock_ttl=60)
+    assert claim.outcome == DONE and (await state.get(task_id))["crashes"] == 2
+
+
+@BOTH
 async def test_claim_of_a_canceled_task(state, manager):
     task_id = new_id()
     await state.update(task_id, {"status": TaskStatus.SCHEDULED})

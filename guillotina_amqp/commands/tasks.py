@@ -5,7 +5,9 @@ operation exits 1 with a one-line reason on stderr. Put `-c config.yaml` before 
 """
 
 import argparse
+import copy
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -17,6 +19,7 @@ from guillotina_amqp.exceptions import TaskNotFoundException
 from guillotina_amqp.retry import RetryRefused, retry_task
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, get_state_manager
+from guillotina_amqp.terminal import terminal_safe
 
 TASK_COLUMNS = ("task_id", "status", "function", "age", "duration", "retries", "progress")
 #: states read per round trip when listing without --container (a scan of every state)
@@ -63,6 +66,25 @@ class TasksCommand(Command):
         super().run_command(settings=settings, loop=loop)
         sys.exit(self.exit_code)
 
+    def make_app(self, settings: dict) -> Any:
+        # the output is what was asked for: guillotina's start-up INFO lines (the shipped
+        # config.yaml logs INFO) would mix with a table or with JSON a script parses
+        if not self.arguments.debug and isinstance(settings.get("logging"), dict):
+            settings = {**settings, "logging": quiet_logging(settings["logging"])}
+        return super().make_app(settings)
+
+    async def cleanup(self, app: Any) -> None:
+        """Shut the application down, without guillotina's wait for every task still pending.
+
+        guillotina's cleanup waits a second for each unfinished task, the command's own
+        (which is the one running this cleanup) included: every command ended a second late
+        with "Timeout for Command._run_async". What is left is cancelled when the loop closes.
+        """
+        try:
+            await app.shutdown()
+        except Exception:
+            logging.getLogger("guillotina_amqp").warning("amqp-tasks: shutting down failed", exc_info=True)
+
     async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
         action = arguments.action
         if action == "dead-letters":
@@ -70,7 +92,7 @@ class TasksCommand(Command):
         try:
             await getattr(self, f"do_{action}".replace("-", "_"))(arguments)
         except (Failure, RetryRefused) as exc:
-            print(f"amqp-tasks: {exc}", file=sys.stderr)
+            _print(f"amqp-tasks: {exc}", file=sys.stderr)
             self.exit_code = 1
 
     # -- tasks ------------------------------------------------------------------
@@ -90,12 +112,15 @@ class TasksCommand(Command):
     async def do_show(self, arguments: argparse.Namespace) -> None:
         state = await _existing(arguments.task_id)
         if arguments.json:
-            print(json.dumps(state, indent=2, default=str))
+            _print(json.dumps(state, indent=2, default=str))
             return
-        width = max(len(key) for key in state)
+        width = max(len(terminal_safe(key)) for key in state)
         for key, value in sorted(state.items()):
             text = value if isinstance(value, str) else json.dumps(value, default=str)
-            print(f"{key.ljust(width)}  {text}")
+            # a traceback keeps its lines, indented under the value: no line of a value can
+            # pass for a field of its own
+            lines = [terminal_safe(line) for line in text.split("\n")]
+            print(f"{terminal_safe(key).ljust(width)}  " + ("\n" + " " * (width + 2)).join(lines))
 
     async def do_cancel(self, arguments: argparse.Namespace) -> None:
         state = await _existing(arguments.task_id)
@@ -135,26 +160,48 @@ class TasksCommand(Command):
     async def do_letters_requeue(self, arguments: argparse.Namespace) -> None:
         settings = get_settings()
         error_queue = names.error_queue(settings.queue)
-        moved = await queues.requeue(settings, None if arguments.all else arguments.task_id)
-        if not moved and arguments.all:
+        done = await queues.requeue(settings, None if arguments.all else arguments.task_id)
+        if not done.moved and not done.refused and arguments.all:
             _say(
                 arguments,
                 {"requeued": 0, "text": f"the error queue {error_queue} is empty: nothing to requeue"},
             )
             return
-        if not moved:
+        if not done.moved and not done.refused:
             raise Failure(f"no dead letter of task {arguments.task_id} in {error_queue}")
-        ids = [letter.describe()["task_id"] for letter in moved]
-        _say(
-            arguments,
-            {"requeued": len(moved), "task_ids": ids, "text": f"requeued {len(moved)} into {settings.queue}"},
-        )
+        ids = [letter.describe()["task_id"] for letter in done.moved]
+        refused = [{"task_id": letter.describe()["task_id"], "reason": why} for letter, why in done.refused]
+        text = f"requeued {len(done.moved)} into {settings.queue}"
+        if refused:
+            text += f"; refused {len(refused)}, left in {error_queue}:"
+            # one line each: a newline in an id or a reason must not make lines of its own
+            text += "".join(
+                f"\n  {terminal_safe(str(entry['task_id']))}: {terminal_safe(entry['reason'])}"
+                for entry in refused
+            )
+        _say(arguments, {"requeued": len(done.moved), "task_ids": ids, "refused": refused, "text": text})
+        if refused:
+            self.exit_code = 1  # a script sees that not everything went back
 
     async def do_letters_purge(self, arguments: argparse.Namespace) -> None:
         settings = get_settings()
         count = await queues.purge(settings)
         error_queue = names.error_queue(settings.queue)
         _say(arguments, {"purged": count, "text": f"purged {count} messages from {error_queue}"})
+
+
+def quiet_logging(config: dict) -> dict:
+    """A copy of a logging dictConfig whose root and loggers log warnings and errors only."""
+    config = copy.deepcopy(config)
+    loggers = [config.setdefault("root", {}), *(config.get("loggers") or {}).values()]
+    for logger in loggers:
+        if isinstance(logger, dict) and logging.getLevelName(str(logger.get("level", "WARNING")).upper()) in (
+            logging.DEBUG,
+            logging.INFO,
+            logging.NOTSET,
+        ):
+            logger["level"] = "WARNING"
+    return config
 
 
 async def _existing(task_id: str) -> dict[str, Any]:
@@ -188,24 +235,30 @@ def _seconds(value: Any) -> str:
 def _cell(column: str, value: Any) -> str:
     if column in ("age", "duration"):
         return _seconds(value)
-    return "-" if value is None else str(value)
+    return "-" if value is None else terminal_safe(str(value))
+
+
+def _print(text: str, file: Any = None) -> None:
+    """Print one line or block made of message text, made safe for a terminal. The lines of
+    JSON output and tables are whole, their own newlines kept."""
+    print("\n".join(terminal_safe(line) for line in text.split("\n")), file=file)
 
 
 def _output(arguments: argparse.Namespace, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
     """`rows` as JSON, or as a table aligned on its widest cells."""
     if arguments.json:
-        print(json.dumps(rows, indent=2, default=str))
+        _print(json.dumps(rows, indent=2, default=str))
         return
     table = [[column.upper().replace("_", " ") for column in columns]]
     table += [[_cell(column, row.get(column)) for column in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        _print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 def _say(arguments: argparse.Namespace, result: dict[str, Any]) -> None:
     """One result: JSON for scripts, its text (or its fields) for people."""
     if arguments.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
+        _print(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
     else:
-        print(result.get("text") or " ".join(f"{k}={v}" for k, v in result.items()))
+        _print(result.get("text") or " ".join(f"{k}={v}" for k, v in result.items()))

@@ -25,6 +25,8 @@ from guillotina_amqp.liveness import (  # noqa: F401 - the exit codes, re-export
 from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.settings import AMQPSettings, get_settings, read_top_level
 from guillotina_amqp.state import redis_client
+from guillotina_amqp.state.redis_pipe import RedisPipe
+from guillotina_amqp.terminal import escape_log_output
 from guillotina_amqp.worker import Worker
 
 logger = logging.getLogger("guillotina_amqp")
@@ -102,6 +104,8 @@ class WorkerCommand(Command):
         return super().make_app({**settings, "root_user": root_user})
 
     async def run(self, arguments: argparse.Namespace, settings: dict, app: Any) -> None:
+        # the worker logs what messages say (ids, functions, refusal reasons) to a terminal
+        escape_log_output()
         try:
             if arguments.metrics_server:
                 _serve_metrics(metrics_port(arguments.port))
@@ -238,22 +242,23 @@ def _serve_metrics(port: int) -> None:
 
 
 async def _check_state_store(settings: AMQPSettings) -> None:
-    """Fail at start, naming the setting to fix, rather than on every message."""
+    """Fail at start, naming the setting to fix, rather than on every message: a server that
+    cannot be reached, refuses our credentials or our TLS (never retried: they stay wrong)."""
     if settings.persistent_manager != "redis":
         return
     if not redis_client.uses_sentinel():
-        from guillotina.contrib import redis as contrib_redis
-
-        if contrib_redis._driver is None:
-            raise StateManagerUnavailable(
-                "amqp.persistent_manager='redis' needs 'guillotina.contrib.redis' in applications"
-            )
-    # ping directly: guillotina's redis driver retries forever, logging a traceback a second
+        redis_client.check_configured()
+    # the client and the pipelined connection the state manager uses, each logged in once
     client = redis_client.probe_client(timeout=10)
     try:
         await client.ping()
+        pipe = await RedisPipe.open(client)
+        try:
+            await pipe.call("PING")
+        finally:
+            pipe.close()
     except Exception as exc:
-        raise StateManagerUnavailable(f"cannot reach Redis, {redis_client.where()}: {exc}") from None
+        raise StateManagerUnavailable(redis_client.describe_failure(exc)) from None
     finally:
         await client.aclose()
 

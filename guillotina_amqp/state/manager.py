@@ -34,12 +34,14 @@ STALE = "stale"  # the message is of an earlier run than the state's
 class Claim:
     """What claiming a delivered task found: one of CLAIMED, CANCELED, DONE, LOCKED, STALE.
 
-    `status` is the ended run's status for DONE.
+    `status` is the ended run's status for DONE; `crashes` how often, for CLAIMED, a worker
+    running the task died before it ended (this claim's discovery included).
     """
 
     outcome: str
     job_retries: int = 0
     status: str | None = None
+    crashes: int = 0
 
 
 def initial_state(run: str = "") -> dict[str, Any]:
@@ -101,6 +103,11 @@ class StateManager(Operations, abc.ABC):
 
     # -- hot path ---------------------------------------------------------
     @abc.abstractmethod
+    async def next_run(self, task_id: str) -> str:
+        """A new run id for `task_id`, later than any stored run of it, by the store's own clock
+        (guillotina_amqp.runs): what add_task and retry put in the message before publishing."""
+
+    @abc.abstractmethod
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
         """Store `data` as the task's state (without expiry: the task is live) unless a state
         of the same or a later run (`data["run"]`) exists; return whether it did. A state of
@@ -108,7 +115,8 @@ class StateManager(Operations, abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None = None) -> Claim:
-        """Atomically, for the run `job_data["run"]`: STALE if the state is of a later run;
+        """Atomically, for the run `job_data["run"]`: RunFromTheFuture if no store could have made
+        that run yet (a forgery); STALE if the state is of a later run;
         start the state afresh for a later run (unless an earlier one holds the lock:
         LOCKED); record `scheduled` if new; if the run ended report DONE (and drop any late
         cancel); if locked report LOCKED (a cancel stays for the lock holder); if in the

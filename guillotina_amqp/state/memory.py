@@ -7,7 +7,8 @@ from typing import Any, AsyncIterator, Iterable
 import orjson
 from guillotina import configure
 
-from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired
+from guillotina_amqp import runs
+from guillotina_amqp.exceptions import RunFromTheFuture, TaskAccessUnauthorized, TaskAlreadyAcquired
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.state.manager import (
@@ -48,14 +49,23 @@ class MemoryStateManager(MemoryOperations, StateManager):
             self.notify(task_id)  # progress, live on the dashboard
         return state
 
-    def _run_of(self, task_id: str) -> str | None:
+    def _stored_run(self, task_id: str) -> str | None:
         """The run of the stored state ("" for a state without one); None without a state."""
         fields = self._space.states.live(task_id)
         if fields is None:
             return None
         return orjson.loads(fields["run"]) if "run" in fields else ""
 
+    def _run_of(self, task_id: str) -> str | None:
+        """The stored run as it orders runs: one from the future orders nothing ("")."""
+        run = self._stored_run(task_id)
+        return "" if run is not None and runs.from_the_future(run, time.time_ns()) else run
+
     # -- hot path ---------------------------------------------------------
+    async def next_run(self, task_id: str) -> str:
+        # this process is the store: its clock orders the runs, as Redis's does there
+        return runs.next_run(time.time_ns(), self._run_of(task_id) or "")
+
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
         check_task_id(task_id)
         current = self._run_of(task_id)
@@ -74,6 +84,8 @@ class MemoryStateManager(MemoryOperations, StateManager):
 
     async def _claim(self, task_id: str, job_data: dict, lock_ttl: int, owner: str | None) -> Claim:
         run = job_data.get("run", "")
+        if runs.from_the_future(run, time.time_ns()):
+            raise RunFromTheFuture(task_id, run)
         current = self._run_of(task_id)
         if current is not None and current > run:
             return Claim(STALE)
@@ -95,9 +107,13 @@ class MemoryStateManager(MemoryOperations, StateManager):
             return Claim(CANCELED)
         self._space.locks.put(task_id, owner or self.worker_id, lock_ttl)
         running = {"status": TaskStatus.RUNNING, "job_data": job_data, "updated": time.time()}
+        # still running, yet nobody holds its lock: the worker that ran it died (or lost its lock)
+        crashes = (state.get("crashes") or 0) + (state.get("status") == TaskStatus.RUNNING)
+        if crashes:
+            running["crashes"] = crashes
         state = self._merge(task_id, running, None)
         self._space.states.persist(task_id)  # a live state never expires
-        return Claim(CLAIMED, state.get("job_retries") or 0)
+        return Claim(CLAIMED, state.get("job_retries") or 0, crashes=crashes)
 
     async def finish(
         self,
@@ -110,7 +126,7 @@ class MemoryStateManager(MemoryOperations, StateManager):
     ) -> bool:
         if self._space.locks.live(task_id) == (owner or self.worker_id):
             del self._space.locks[task_id]
-        current = self._run_of(task_id)
+        current = self._stored_run(task_id)
         if current is not None and (
             (run is not None and current != run) or (only_open and _ended(await self.get(task_id)))
         ):

@@ -25,9 +25,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from guillotina_amqp import names
+from guillotina_amqp import names, runs
 from guillotina_amqp.cancelling import cancel_and_wait
-from guillotina_amqp.exceptions import TaskAccessUnauthorized, TaskAlreadyAcquired, TaskStateUnusable
+from guillotina_amqp.exceptions import (
+    RunFromTheFuture,
+    TaskAccessUnauthorized,
+    TaskAlreadyAcquired,
+    TaskStateUnusable,
+)
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import get_settings
@@ -58,14 +63,37 @@ local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then return {'legacy'} end
 if kind ~= 'hash' and kind ~= 'none' then return {'wrongtype', kind} end
 """
-# Runs: `run` (JSON text) grows with each add_task of the same id; compared as text.
-RUN = """
-local function current_run() return redis.call('HGET', KEYS[1], 'run') or '""' end
+# Runs (guillotina_amqp.runs): `run` (JSON text) grows with each add_task of the same id,
+# ordered by Redis's own clock; compared as text. A run later than Redis's clock allows
+# (plus a margin) was made by no one: a message carrying one is refused, a stored one
+# orders nothing.
+RUN = (
+    """
+local function horizon()
+  local now = redis.call('TIME')
+  return string.format('"%011d%06d000~', tonumber(now[1]) + """
+    + str(runs.FUTURE_MARGIN_NS // 10**9)
+    + """, tonumber(now[2]))
+end
+local function current_run()
+  local run = redis.call('HGET', KEYS[1], 'run') or '""'
+  if run > horizon() then return '""' end
+  return run
+end
 local function ended()
   local status = redis.call('HGET', KEYS[1], 'status')
   local ended = redis.call('HGET', KEYS[1], 'ended')
   return status == '"finished"' or status == '"canceled"' or (ended and ended ~= 'null')
 end
+"""
+)
+
+# KEYS: state. -> {seconds, microseconds, the stored run as JSON}: what a new run follows
+NEXT_RUN = """
+local run = '""'
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then run = redis.call('HGET', KEYS[1], 'run') or '""' end
+local now = redis.call('TIME')
+return {now[1], now[2], run}
 """
 
 # KEYS: state, eventlog. ARGV: channel, run, field/value pairs.
@@ -90,6 +118,7 @@ CLAIM = (
     + RUN
     + """
 local n = tonumber(ARGV[7])
+if ARGV[6] > horizon() then return {'future'} end
 if kind == 'hash' then
   local run = current_run()
   if run > ARGV[6] then return {'stale'} end
@@ -116,12 +145,17 @@ if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
   return {'canceled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return {'locked'} end
+-- still running, yet nobody holds its lock: the worker that ran it died (or lost its lock)
+local crashes = redis.call('HGET', KEYS[1], 'crashes') or '0'
+if redis.call('HGET', KEYS[1], 'status') == '"running"' then
+  crashes = tostring(redis.call('HINCRBY', KEYS[1], 'crashes', 1))
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n, LAST))
 -- a live state never expires: it gets its state_ttl when the task ends
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[4])
 redis.call('PUBLISH', ARGV[5], 'running')
-return {'claimed', redis.call('HGET', KEYS[1], 'job_retries') or '0'}
+return {'claimed', redis.call('HGET', KEYS[1], 'job_retries') or '0', crashes}
 """
 )
 
@@ -135,7 +169,8 @@ local function release()
   if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 end
 if kind == 'hash' then
-  if (ARGV[4] ~= '' and current_run() ~= ARGV[4]) or (ARGV[5] == 'open' and ended()) then
+  local stored = redis.call('HGET', KEYS[1], 'run') or '""'
+  if (ARGV[4] ~= '' and stored ~= ARGV[4]) or (ARGV[5] == 'open' and ended()) then
     release()  -- another run owns the state now: leave it alone
     return {'stale'}
   end
@@ -237,6 +272,7 @@ SCRIPTS = {
     "finish": indexing(FINISH, 3),
     "update": indexing(UPDATE, 2),
     "append_event": APPEND_EVENT,
+    "next_run": NEXT_RUN,
     "read": READ,
     "take_over": TAKE_OVER,
     "owned_lock": OWNED_LOCK,
@@ -258,7 +294,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@backoff.on_exception(backoff.expo, TRANSIENT, max_time=30, max_value=4, logger=logger)
+@backoff.on_exception(
+    backoff.expo, TRANSIENT, max_time=30, max_value=4, giveup=redis_client.is_auth_error, logger=logger
+)
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
     """Await `call()`, retrying transient connection errors with exponential backoff (about 30 s in all).
 
@@ -273,7 +311,9 @@ async def _first_then_retrying(call: Callable[[], Awaitable[T]]) -> T:
     """`call()` once directly (the hot path skips backoff's bookkeeping), then with backoff."""
     try:
         return await call()
-    except TRANSIENT:
+    except TRANSIENT as exc:
+        if redis_client.is_auth_error(exc):
+            raise  # refused credentials stay refused (redis-py counts them as connection errors)
         return await _retrying(call)
 
 
@@ -297,10 +337,14 @@ class _Notifier:
                     await self._dispatch(pubsub)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # wake everyone so they re-read the state, then resubscribe
                 self.ready.clear()
                 self._wake_all()
+                if redis_client.is_auth_error(exc):
+                    # refused credentials stay refused: stop here (the next watch() starts anew)
+                    logger.error("Task state listener: %s", redis_client.describe_failure(exc))
+                    return
                 logger.warning("Task state listener lost its Redis connection; resubscribing")
                 await asyncio.sleep(0.5)
 
@@ -432,6 +476,11 @@ class RedisStateManager(RedisOperations, StateManager):
         return [names.state_key(prefix, task_id), names.eventlog_key(prefix, task_id)]
 
     # -- hot path ---------------------------------------------------------
+    async def next_run(self, task_id: str) -> str:
+        seconds, microseconds, stored = await self._run("next_run", self._state_keys(task_id)[:1], [])
+        now_ns = int(seconds) * 10**9 + int(microseconds) * 1000
+        return runs.next_run(now_ns, orjson.loads(stored))
+
     async def create(self, task_id: str, data: dict[str, Any]) -> bool:
         check_task_id(task_id)
         prefix = self.prefix
@@ -453,9 +502,11 @@ class RedisStateManager(RedisOperations, StateManager):
         state, events = self._state_keys(task_id, prefix)
         keys = [state, names.lock_key(prefix, task_id), names.cancel_key(prefix), events]
         found = await self._transition("claim", task_id, keys, args, indexed=True)
+        if found[0] == "future":
+            raise RunFromTheFuture(task_id, run)
         detail = orjson.loads(found[1]) if len(found) > 1 and found[1] is not None else None
         if found[0] == CLAIMED:
-            return Claim(CLAIMED, detail or 0)
+            return Claim(CLAIMED, detail or 0, crashes=int(found[2]))
         return Claim(found[0], status=detail)
 
     async def finish(
@@ -522,8 +573,8 @@ class RedisStateManager(RedisOperations, StateManager):
         if self._notifier is not None:
             await self._notifier.close()
             self._notifier = None
-        if self._client is not None and redis_client.uses_sentinel():
-            await self._client.aclose()  # ours, not guillotina's: made for the Sentinels
+        if self._client is not None:
+            await self._client.aclose()  # ours, not guillotina's (which knows no password or TLS)
             self._client = None
 
     async def _clean(self) -> None:

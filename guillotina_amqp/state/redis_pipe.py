@@ -6,8 +6,8 @@ got them), read by the protocol's `data_received` with hiredis' C parser. No
 connection checkout, coroutine or timer per command: the worker's per-task cost
 of Redis was mostly redis-py's pipeline machinery, not the round trip.
 
-The connection is the client's own: the same address, database and credentials
-(the master the Sentinels name, when the client is a Sentinel one). A lost or
+The connection is the client's own: the same address, database, credentials and TLS
+context (the master the Sentinels name, when the client is a Sentinel one). A lost or
 silent connection fails every waiting call with redis-py's ConnectionError or
 TimeoutError, which the state manager's retries already handle: the next call
 opens a new connection.
@@ -15,24 +15,46 @@ opens a new connection.
 
 import asyncio
 import collections
+import ssl
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guillotina_amqp.state.redis_client import SOCKET_TIMEOUT
 
 #: server errors that mean something to the caller: the script cache was flushed; a server still
-#: loading its data (a ConnectionError to redis-py: retried); a master demoted to a replica
-_REPLY_ERRORS = {"NOSCRIPT": NoScriptError, "LOADING": BusyLoadingError, "READONLY": ReadOnlyError}
+#: loading its data (a ConnectionError to redis-py: retried); a master demoted to a replica;
+#: credentials refused, or none given to a server that wants them (never retried)
+_REPLY_ERRORS = {
+    "NOSCRIPT": NoScriptError,
+    "LOADING": BusyLoadingError,
+    "READONLY": ReadOnlyError,
+    "WRONGPASS": AuthenticationError,
+    "NOAUTH": AuthenticationError,
+}
 
 
 def _reply_error(message: str) -> Exception:
     return _REPLY_ERRORS.get(message.partition(" ")[0], ResponseError)(message)
+
+
+def _ssl_context(pool: Any) -> ssl.SSLContext | None:
+    """The TLS context the client's own connections use (None: plain TCP), so that the pipe
+    checks the server's certificate exactly as redis-py does."""
+    # building a connection object opens nothing; its context is made from the client's options
+    context = getattr(pool.make_connection(), "ssl_context", None)
+    return context.get() if context is not None else None
 
 
 class RedisPipe(asyncio.Protocol):
@@ -64,11 +86,16 @@ class RedisPipe(asyncio.Protocol):
                     host, port = await pool.get_master_address()
                 else:
                     host, port = options.get("host", "localhost"), options.get("port", 6379)
-                connecting = pipe.loop.create_connection(lambda: pipe, host, port)
+                tls = _ssl_context(pool)
+                connecting = pipe.loop.create_connection(lambda: pipe, host, port, ssl=tls)
             await asyncio.wait_for(connecting, pipe.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis for the task state: {exc!r}") from exc
-        await pipe._handshake(options)
+        try:
+            await pipe._handshake(options)
+        except BaseException:
+            pipe.close()  # refused credentials or database: no half-open connection left
+            raise
         return pipe
 
     async def _handshake(self, options: dict[str, Any]) -> None:
