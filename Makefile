@@ -16,7 +16,7 @@ export RABBITMQ REDIS POSTGRESQL
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: venv install services test test-upstream test-ha test-tls test-long run lint format typecheck bench clean
+.PHONY: venv install services test test-upstream test-ha test-long test-tls run lint format typecheck bench clean
 
 # Bytecode written even where PYTHONDONTWRITEBYTECODE is set (this VM, most containers): else
 # every worker start compiles the package again (≈ 40 ms). Stale files are simply not used.
@@ -50,15 +50,15 @@ test-upstream: install services
 test-ha: install
 	bash scripts/test-ha.sh $(PYTEST_ARGS)
 
-# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
-# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
-test-tls: install services
-	bash scripts/test-tls.sh $(PYTEST_ARGS)
-
 # A task past RabbitMQ's consumer_timeout (docs/operations.md), on a node of its own with a
 # 5 s timeout (scripts/ct-engine.sh, ct@localhost on 5760; about 2 minutes).
 test-long: install services
 	bash scripts/test-long.sh $(PYTEST_ARGS)
+
+# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
+# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
+test-tls: install services
+	bash scripts/test-tls.sh $(PYTEST_ARGS)
 
 run: install services
 	$(BIN)/python scripts/demo.py

@@ -34,9 +34,8 @@ pytest_plugins = [
 # the TLS node of scripts/tls-engines.sh: `make test-tls`
 collect_ignore = [] if os.environ.get("GUILLOTINA_AMQP_HA") else ["ha"]
 collect_ignore += [] if os.environ.get("GUILLOTINA_AMQP_TLS") else ["tls"]
-# tests/long needs the short-consumer_timeout node of scripts/ct-engine.sh: `make test-long`
-if not os.environ.get("GUILLOTINA_AMQP_LONG"):
-    collect_ignore.append("long")
+# tests/long the short-consumer_timeout node of scripts/ct-engine.sh: `make test-long`
+collect_ignore += [] if os.environ.get("GUILLOTINA_AMQP_LONG") else ["long"]
 
 NAMESPACE: dict[str, str] = {"id": "unset", "manager": "redis"}  # "pg": database name, when used
 

@@ -178,7 +178,8 @@ async def test_a_later_run_of_a_task_this_worker_runs_says_whose_lock_it_waits_f
         state = await add_task(app.until_exists, str(go), 120)
         await wait_for(lambda: worker.num_running == 1, what="the task to start")
         later = dict((await state.get_state())["job_data"])
-        later["run"] += "~"  # a later run of the same task id, scheduled while this one runs
+        clock, _, suffix = later["run"].partition("-")
+        later["run"] = f"{int(clock) + 1:020d}-{suffix}"  # a later run of the same id, made meanwhile
         await publish_raw(orjson.dumps(later))
         await wait_for(
             lambda: logged(info_logs, state.task_id, "locked by this worker, which runs an earlier run"),
