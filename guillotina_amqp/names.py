@@ -100,6 +100,14 @@ def is_priority_queue(queue: str) -> bool:
     return queue.endswith(PRIORITY_SUFFIX)
 
 
+def priority_queues(settings: AMQPSettings, queues: list[str]) -> list[str]:
+    """The priority queues a worker of `queues` consumes too; none with quorum queues, which
+    RabbitMQ 3.x declares with no x-max-priority (add_task refuses `_priority` then)."""
+    if settings.queue_type == "quorum":
+        return []
+    return [priority_queue(queue) for queue in queues]
+
+
 def topology(settings: AMQPSettings, queue: str | None = None) -> dict[str, dict[str, Any]]:
     """Queue name -> declaration arguments for the main, delay and error queues of `queue`
     (default: amqp.queue); a named queue gets the same arguments as the default one, a

@@ -121,6 +121,25 @@ class Redeliveries(Generic[D]):
         return max(1, max_size - elsewhere + kept)
 
 
+class Prefetch:
+    """The consuming channel's prefetch: all slots, less the runs still going on a closed channel
+    (they keep theirs), plus the copies kept aside on it. Only a channel-wide (`shared`) limit
+    can change in place; a consumer's own is fixed when it starts: all slots, then."""
+
+    def __init__(self, redeliveries: Redeliveries, max_size: int, shared: bool) -> None:
+        self.redeliveries = redeliveries
+        self.max_size = max_size
+        self.shared = shared
+        self.value = max_size
+
+    async def apply(self, channel: Any, new: bool = False) -> None:
+        """Set it on `channel` (`new`: a channel just opened), if it changed."""
+        wanted = self.redeliveries.prefetch(self.max_size, channel) if self.shared else self.max_size
+        if new or wanted != self.value:
+            self.value = wanted
+            await channel.basic_qos(prefetch_count=wanted, connection_global=self.shared)
+
+
 def lock_holder(ours: bool) -> str:
     """Who holds the lock a claim found taken, as the log says it. A copy of a run of ours never
     claims (it is kept aside): ours is the lock of an earlier run of the same task id."""

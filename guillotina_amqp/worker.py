@@ -24,7 +24,7 @@ from guillotina_amqp.handling import Action, Delivery, Disposition, Handler, cou
 from guillotina_amqp.presence import Presence
 from guillotina_amqp.publishing import Publisher, get_publisher
 from guillotina_amqp.retrying import Backoff, retry
-from guillotina_amqp.settings import AMQPSettings, get_settings
+from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.manager import get_state_manager
 from guillotina_amqp.worker_compat import OriginalWorkerNames
 
@@ -36,14 +36,6 @@ STOP_CONSUMING_TIMEOUT = 5.0
 REQUEUE_PAUSE = 1.0
 #: consuming again (or stopping) after a failure: tried again every REQUEUE_PAUSE seconds
 GATE_RETRY = Backoff(first=REQUEUE_PAUSE, doubling=False)
-
-
-def priority_queues(settings: AMQPSettings, queues: list[str]) -> list[str]:
-    """The priority queues a worker of `queues` consumes too; none with quorum queues, which
-    RabbitMQ 3.x declares with no x-max-priority (add_task refuses `_priority` then)."""
-    if settings.queue_type == "quorum":
-        return []
-    return [names.priority_queue(queue) for queue in queues]
 
 
 class Worker(OriginalWorkerNames):
@@ -67,7 +59,7 @@ class Worker(OriginalWorkerNames):
             self.settings.queue
         ]
         #: what it consumes: those queues and their priority queues (none with quorum queues)
-        self.consumed = self.queues + priority_queues(self.settings, self.queues)
+        self.consumed = self.queues + names.priority_queues(self.settings, self.queues)
         self.max_size = max_size or self.settings.max_running_tasks
         self._check_activity = check_activity
         self.update_status_interval = self.settings.update_status_interval
@@ -80,7 +72,6 @@ class Worker(OriginalWorkerNames):
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._slots = asyncio.Semaphore(self.max_size)
-        self._prefetch = self.max_size
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -123,6 +114,9 @@ class Worker(OriginalWorkerNames):
         self._running = self.handler.running
         #: copies redelivered while we run them (consumer_timeout): kept aside, no slot
         self.redelivered = self.handler.redelivered
+        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
+        # slot to the blocked queues in random order; per consumer, the acked queue always won
+        self.prefetch = redelivery.Prefetch(self.redelivered, self.max_size, shared=len(self.consumed) > 1)
 
     @property
     def connection_name(self) -> str:
@@ -209,13 +203,7 @@ class Worker(OriginalWorkerNames):
         assert self.connection is not None
         if self._channel is None or not self._channel.is_open:  # an open one: consuming again
             self._channel = await self.connection.channel()
-            # a channel-wide limit counts the runs still going on a closed channel (they keep
-            # their slots); a consumer's own cannot be raised again as they end: all slots, then
-            shared = self._shared_qos
-            self._prefetch = self.max_size
-            if shared:
-                self._prefetch = self.redelivered.prefetch(self.max_size, self._channel)
-            await self._channel.basic_qos(prefetch_count=self._prefetch, connection_global=shared)
+            await self.prefetch.apply(self._channel, new=True)
             self._channel.add_cancellation_callback(self._on_consumer_cancelled)
         self._consumer_cancelled = asyncio.Event()
         self._consumer_tags = set()
@@ -224,22 +212,9 @@ class Worker(OriginalWorkerNames):
             self._consumer_tags.add(result["consumer_tag"])
         return {"channel": self._channel.close_event, "consumer": self._consumer_cancelled}
 
-    @property
-    def _shared_qos(self) -> bool:
-        # a limit per channel (global) across several queues: RabbitMQ then offers each freed
-        # slot to the blocked queues in random order; per consumer, the acked queue always won
-        return len(self.consumed) > 1
-
     async def _reprefetch(self) -> None:
-        """Raise or lower the consuming channel's prefetch to what the slots allow now; only a
-        channel-wide limit changes in place (a consumer's own is fixed when it starts)."""
-        channel = self._channel
-        if channel is None or not channel.is_open or not self._shared_qos:
-            return
-        prefetch = self.redelivered.prefetch(self.max_size, channel)
-        if prefetch != self._prefetch:
-            self._prefetch = prefetch
-            await channel.basic_qos(prefetch_count=prefetch, connection_global=True)
+        if self._channel is not None and self._channel.is_open:
+            await self.prefetch.apply(self._channel)
 
     def _consumer(self, queue: str) -> Callable[..., Awaitable[None]]:
         async def on_message(channel: Channel, body: bytes, envelope: Any, properties: Any) -> None:
