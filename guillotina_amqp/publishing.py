@@ -9,6 +9,7 @@ from aioamqp.channel import Channel
 from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
+from guillotina_amqp import names
 from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue
 from guillotina_amqp.exceptions import MessageNotRouted
 from guillotina_amqp.retrying import Attempts, Backoff, retry, silently
@@ -152,6 +153,30 @@ class Publisher:
             await self.connection.close()
             self.connection = None
         self._channel = None
+
+
+async def publish_task(
+    body: bytes,
+    settings: AMQPSettings,
+    queue: str,
+    wait_ms: int | None = None,
+    retries: int = 3,
+    priority: int | None = None,
+    headers: dict | None = None,
+) -> None:
+    """A task message to `queue` (its priority queue for a task given a priority), or into the
+    delay tier a task waiting for its start sits in (which dead-letters it there later); a
+    named or priority queue is declared first. `headers`: the message's own (trace context)."""
+    publisher = get_publisher(settings)
+    if priority is not None:
+        queue = names.priority_queue(queue)
+    if queue != settings.queue:
+        await publisher.declare(queue)
+    target = queue
+    if wait_ms is not None:
+        target, arguments = names.delay_tier(settings, wait_ms, queue)
+        await publisher.declare_queue(target, arguments)
+    await publisher.publish(body, target, retries=retries, headers=headers, priority=priority)
 
 
 _publishers: dict[tuple, Publisher] = {}

@@ -8,7 +8,7 @@ log), and any copy of the old run still waiting (a retry in the delay queue) is 
 from guillotina_amqp import message as messages
 from guillotina_amqp import names, replay
 from guillotina_amqp.exceptions import TaskNotFoundException
-from guillotina_amqp.publishing import get_publisher
+from guillotina_amqp.publishing import publish_task
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state.manager import get_state_manager, initial_state
 from guillotina_amqp.state.status import TaskStatus
@@ -41,8 +41,6 @@ async def retry_task(task_id: str) -> None:
     body = messages.encode(message, settings)
     await manager.clean_canceled(task_id)  # else the worker would cancel the new run at once
     queue = names.task_queue(job_data.get("queue"), settings)
-    publisher = get_publisher(settings)
-    if queue != settings.queue:
-        await publisher.declare(queue)
-    await publisher.publish(body, queue)
+    # where add_task sent it: its priority queue, with its priority, for a task given one
+    await publish_task(body, settings, queue, priority=job_data.get("priority"))
     await manager.create(task_id, initial_state(run) | {"job_data": message})

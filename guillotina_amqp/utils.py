@@ -22,7 +22,6 @@ from guillotina_amqp import (
     events,
     expiry,
     metrics,
-    names,
     offload,
     registry,
     replay,
@@ -35,7 +34,7 @@ from guillotina_amqp import message as messages
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import check_task_id, task_id_prefix, task_name, task_queue
-from guillotina_amqp.publishing import get_publisher
+from guillotina_amqp.publishing import publish_task
 from guillotina_amqp.state import TaskState, get_state_manager
 from guillotina_amqp.state.manager import initial_state
 from guillotina_amqp.types import SerializedRequest
@@ -168,7 +167,7 @@ async def add_task(
     with tracing.publish_span(task_id, dotted_name, run) as trace_headers:
         if not config.eager:
             priority = options.get("priority")
-            await _publish(body, config, queue, timing.wait_ms(eta), _retries, priority, trace_headers)
+            await publish_task(body, config, queue, timing.wait_ms(eta), _retries, priority, trace_headers)
         waiting = {"eta": eta} if eta is not None else {}
         # job_data from the start: the dashboard names a waiting task's function, retry can re-run it
         await manager.create(task_id, initial_state(run) | waiting | {"job_data": message})
@@ -188,30 +187,6 @@ def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
     """The message fields saying when and where the task runs (only those that are set)."""
     fields = {"expires": expiry.deadline(expires), "run_in": offload.check_run_in(_unwrap(func), run_in)}
     return {name: value for name, value in fields.items() if value is not None}
-
-
-async def _publish(
-    body: bytes,
-    config: settings.AMQPSettings,
-    queue: str,
-    wait_ms: int | None,
-    retries: int,
-    priority: int | None = None,
-    headers: dict | None = None,
-) -> None:
-    """To `queue` (its priority queue for a task given a priority), or into the delay tier a
-    task waiting for its start sits in (which dead-letters it there later); a named or
-    priority queue is declared first. `headers`: the message's own (the trace context)."""
-    publisher = get_publisher(config)
-    if priority is not None:
-        queue = names.priority_queue(queue)
-    if queue != config.queue:
-        await publisher.declare(queue)
-    target = queue
-    if wait_ms is not None:
-        target, arguments = names.delay_tier(config, wait_ms, queue)
-        await publisher.declare_queue(target, arguments)
-    await publisher.publish(body, target, retries=retries, headers=headers, priority=priority)
 
 
 async def add_object_task(

@@ -4,6 +4,7 @@ import pytest
 
 from guillotina_amqp import add_task, names, task
 from guillotina_amqp.exceptions import TaskNotFoundException
+from guillotina_amqp.retry import retry_task
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests import app
@@ -76,6 +77,26 @@ async def test_a_retried_task_comes_back_with_its_priority(guillotina_main, tmp_
 
     assert lines(order) == ["high", "low0", "low1", "low2"]
     assert (await retried.get_state())["job_retries"] == 1
+
+
+@pytest.mark.app_settings({"amqp": {"max_task_retries": 0}})
+async def test_a_task_run_again_by_retry_keeps_its_priority(guillotina_main, tmp_path):
+    """Errored for good, then run again (REST/CLI retry): back in the priority queue as a 9,
+    ahead of the low priorities queued meanwhile."""
+    order = tmp_path / "order"
+    async with running_worker(max_size=1) as worker:
+        failed = await add_task(app.retry_once_then_mark, str(order), "high", _priority=9)
+        # its message settled (in the error queue) too, not only its state written
+        await wait_for(lambda: worker.total_errored == 1 and not worker._handlers, what="the first run")
+    assert (await failed.get_state())["status"] == TaskStatus.ERRORED
+    low = [await add_task(app.write_marker, str(order), f"low{i}", _priority=1) for i in range(3)]
+    await retry_task(failed.task_id)
+    await wait_for(lambda: _count_is(4), what="the task run again in the priority queue")
+
+    async with running_worker(max_size=1):
+        await wait_for(lambda: finished([failed, *low]), timeout=60, what="every task")
+
+    assert lines(order) == ["high", "low0", "low1", "low2"]
 
 
 async def _count_is(count: int) -> bool:
