@@ -79,7 +79,8 @@ def one(venv: str, kind: str, n: int, cfg: str, peers: Path, counter: Any, done_
         [g, "amqp-worker", "-c", cfg], cwd=peers, env=env, stdout=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        first = last = None
+        first: tuple[float, int, float, dict[str, float]] | None = None
+        last: tuple[float, int, float, dict[str, float]] | None = None
         while last is None:
             done, now = int(counter.get(done_key) or 0), time.perf_counter()
             if first is None and done >= 1:
@@ -92,6 +93,7 @@ def one(venv: str, kind: str, n: int, cfg: str, peers: Path, counter: Any, done_
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+    assert first is not None and last is not None  # the first completion comes before the last
     tasks = max(1, last[1] - first[1])
     row = {"load": round(load, 2), "boot_s": round(first[0] - spawned, 3)}
     row["steady"] = round(tasks / (last[0] - first[0]), 1)
