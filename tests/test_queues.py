@@ -1,5 +1,7 @@
 """Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (docs/tasks.md#named-queues)."""
 
+from typing import Any
+
 import pytest
 
 from guillotina_amqp import add_task, names, queues, task
@@ -193,19 +195,28 @@ async def test_dead_letters_of_a_named_queue_and_of_its_priority_queue_go_back_w
     guillotina_main, named
 ):
     settings, queue = get_settings(), named["B"]
+
+    async def dead() -> list[str]:
+        found = await queues.dead_letters(settings, queue=queue)
+        return sorted(letter.describe()["task_id"] for letter in found)
+
     async with running_worker(no_retries=True, queues=[queue]):
         plain = await add_task(app.fail, "plain", _queue=queue)
         urgent = await add_task(app.fail, "urgent", _queue=queue, _priority=5)
         for state in (plain, urgent):
             assert (await state.join())["status"] == TaskStatus.ERRORED
-
-    found = await queues.dead_letters(settings, queue=queue)
-    assert sorted(letter.describe()["task_id"] for letter in found) == sorted([plain.task_id, urgent.task_id])
+        # a dead letter is moved just after its state is written: the worker must live till then
+        expected = sorted([plain.task_id, urgent.task_id])
+        await wait_for(lambda: _equal(dead(), expected), what="both dead letters")
     assert await queues.dead_letters(settings) == []  # amqp.queue's error queue has none of them
 
     done = await queues.requeue(settings, queue=queue)
     assert len(done.moved) == 2 and done.refused == []
+    back = {queue: 1, names.priority_queue(queue): 1, names.error_queue(names.priority_queue(queue)): 0}
     async with broker() as protocol:
-        assert await counts_are(protocol, {queue: 1, names.priority_queue(queue): 1})
-        assert await counts_are(protocol, {names.error_queue(names.priority_queue(queue)): 0})
+        await wait_for(lambda: counts_are(protocol, back), what="each dead letter back where it died")
     assert await queues.purge(settings, queue) == 0
+
+
+async def _equal(found: Any, expected: Any) -> bool:
+    return await found == expected
