@@ -37,8 +37,10 @@ $(STAMP): setup.py $(wildcard pyproject.toml setup.cfg guillotina_amqp/__init__.
 services:
 	bash scripts/ensure-services.sh
 
+# The whole suite (pyproject.toml's testpaths), or what PYTEST_ARGS names:
+# `make test PYTEST_ARGS=tests/test_x.py` runs that file, `PYTEST_ARGS="-k retry"` filters the suite.
 test: install services
-	$(BIN)/pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The original plugin's own test suite, from ../shared/upstream-tests (scripts/test-upstream.sh)
 test-upstream: install services

@@ -93,11 +93,10 @@ def check_run_in(func: Callable[..., Any] | str, run_in: Any) -> str | None:
     return run_in
 
 
-def check_field(message: dict) -> str | None:
-    """What is wrong with a message's `run_in` field (None when it is fine)."""
-    if message.get("run_in") not in (None, *RUN_IN):
-        return "'run_in' is neither 'thread', 'process' nor null"
-    return None
+def check_field(value: Any, name: str) -> None:
+    """A message's `run_in` field: absent, null, "thread" or "process"; ValueError otherwise."""
+    if value not in (None, *RUN_IN):
+        raise ValueError(f"{name} is neither 'thread', 'process' nor null")
 
 
 async def call(func: Callable[..., Any], data: dict) -> Any:
