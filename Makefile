@@ -57,8 +57,9 @@ test-ha: install
 test-long: install services
 	bash scripts/test-long.sh $(PYTEST_ARGS)
 
-# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
-# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
+# RabbitMQ over TLS (amqps): nodes of their own, tls@localhost (5750, amqps 5751) and
+# mtls@localhost (amqps 5753, client certificates required), with certificates made for the
+# run (scripts/test-tls.sh; about 40 s). CI runs it after `make test`.
 test-tls: install services
 	bash scripts/test-tls.sh $(PYTEST_ARGS)
 

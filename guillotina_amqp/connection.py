@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import logging
 import random
-import ssl
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
@@ -23,7 +22,7 @@ from guillotina.utils import resolve_dotted_name
 from guillotina_amqp import names, tls
 from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.exceptions import InvalidSettings, TLSFailure
-from guillotina_amqp.retrying import Backoff, retry
+from guillotina_amqp.retrying import Backoff, log_giveup, retry
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -49,7 +48,8 @@ Setup = Callable[[], Awaitable[dict[str, asyncio.Event]]]
 RECONNECT = Backoff(first=1, cap=5, jitter=True)
 
 
-def _is_tls_failure(exc: Exception) -> bool:
+def is_tls_failure(exc: Exception) -> bool:
+    """A TLS connection refused (a certificate, either side) stays refused: not worth retrying."""
     return isinstance(exc, TLSFailure)
 
 
@@ -59,8 +59,16 @@ async def retrying(
     giveup: Callable[[Exception], bool] = lambda exc: False,
 ) -> T:
     """`await call()`, retried on CONNECTION_ERRORS with exponential backoff (RECONNECT) for up
-    to `max_time` seconds (None: until it works or `giveup(error)`)."""
-    return await retry(call, dataclasses.replace(RECONNECT, max_time=max_time), CONNECTION_ERRORS, giveup)
+    to `max_time` seconds (None: until it works or `giveup(error)`). An error `giveup` accepts
+    is raised without a "Giving up" line: the caller reports it (naming the setting to fix)."""
+    log = log_giveup(getattr(call, "__name__", repr(call)))
+
+    def gave_up(exc: Exception, tries: int) -> None:
+        if not giveup(exc):
+            log(exc, tries)
+
+    policy = dataclasses.replace(RECONNECT, max_time=max_time)
+    return await retry(call, policy, CONNECTION_ERRORS, giveup, on_giveup=gave_up)
 
 
 class AMQPConnection:
@@ -106,9 +114,9 @@ class AMQPConnection:
         """Connect to a broker, retrying with exponential backoff for up to `max_time` seconds,
         and declare the topology; from then on, reconnect whenever the connection is lost.
 
-        A broker whose certificate does not verify is not retried: TLSFailure at once (once
-        open, a reconnection keeps trying: a certificate may be renewed meanwhile)."""
-        await retrying(self._connect_any, max_time, giveup=_is_tls_failure)
+        A certificate refused, either side, is not retried: TLSFailure at once (once open, a
+        reconnection keeps trying: a certificate may be renewed meanwhile)."""
+        await retrying(self._connect_any, max_time, giveup=is_tls_failure)
         try:
             await self.declare_topology()
         except BaseException:
@@ -145,21 +153,29 @@ class AMQPConnection:
         """Try each broker once, the current one first; raise the last error if none answers."""
         error: Exception = ConnectionError("no broker")
         for _ in self._addresses:
+            host, port = self._addresses[self._current]
             try:
-                await asyncio.wait_for(self._connect(*self._addresses[self._current]), CONNECT_TIMEOUT)
+                await asyncio.wait_for(self._connect(host, port), CONNECT_TIMEOUT)
                 return
-            except ssl.SSLError as exc:
-                # never retried over plain TCP: the operator asked for TLS
-                error = TLSFailure(
-                    f"TLS to RabbitMQ at {self.address} (amqp.ssl): {tls.describe_failure(exc)}"
-                )
-                logger.warning("%s could not connect to RabbitMQ: %s", self.name, error)
-                self._current = (self._current + 1) % len(self._addresses)
             except CONNECTION_ERRORS as exc:
-                error = exc
-                logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
+                error = await self._tls_failure(exc, host, port) or exc
+                if isinstance(error, TLSFailure):
+                    logger.warning("%s could not connect to RabbitMQ: %s", self.name, error)
+                else:
+                    logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
                 self._current = (self._current + 1) % len(self._addresses)
         raise error
+
+    async def _tls_failure(self, exc: Exception, host: str, port: int) -> TLSFailure | None:
+        """A TLSFailure when TLS is why the attempt failed with `exc` (a certificate either side
+        refused, a plain-TCP port): never retried over plain TCP, the operator asked for TLS."""
+        if self._ssl is None or self.settings.ssl is None:
+            return None
+        failure = await tls.failure_behind(exc, host, port, self._ssl)
+        if failure is None:
+            return None
+        why = tls.describe_failure(failure, self.settings.ssl)
+        return TLSFailure(f"TLS to RabbitMQ at {self.address} (amqp.ssl): {why}")
 
     async def _connect(self, host: str, port: int) -> None:
         s = self.settings

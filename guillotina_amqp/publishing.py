@@ -10,7 +10,7 @@ from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
 from guillotina_amqp import names
-from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue
+from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue, is_tls_failure
 from guillotina_amqp.exceptions import MessageNotRouted
 from guillotina_amqp.retrying import Attempts, Backoff, retry, silently
 from guillotina_amqp.settings import AMQPSettings
@@ -88,7 +88,8 @@ class Publisher:
         False to pass on a message as it is, signature header included (a requeued dead letter).
 
         A closed connection or channel is replaced and the publish tried again, up to
-        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
+        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack), not
+        a TLS connection refused (TLSFailure at once).
         A message the broker confirms but cannot route (its queue was deleted since we
         declared it) would be lost: the queues are declared again and the message
         published once more, else MessageNotRouted.
@@ -115,7 +116,7 @@ class Publisher:
         attempts = Attempts(Backoff(first=RETRY_PAUSE, max_tries=retries + 1))
         errors = (*CONNECTION_ERRORS, PublishFailed)
         for redeclared in (False, True):
-            await retry(attempt, attempts, errors, on_retry=retrying, on_giveup=silently)
+            await retry(attempt, attempts, errors, is_tls_failure, on_retry=retrying, on_giveup=silently)
             if properties["message_id"] not in self._returned:
                 return
             self._returned.discard(properties["message_id"])

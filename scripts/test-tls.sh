@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test-tls`: start the TLS RabbitMQ node (scripts/tls-engines.sh), run tests/tls, stop it
+# `make test-tls`: start the TLS RabbitMQ nodes (scripts/tls-engines.sh), run tests/tls, stop them
 # again whatever happens (a failing test, Ctrl-C, a failed start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
