@@ -5,6 +5,7 @@ on `add_task(...)`; they travel as message fields of the same names. The call
 overrides the decorator, the decorator overrides the `amqp` settings.
 """
 
+import functools
 import math
 import random
 from typing import Any, Callable
@@ -56,12 +57,18 @@ OPTIONS: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
+@functools.cache
+def _spelled(prefix: str) -> frozenset[str]:
+    """The option names as a caller spelling them with `prefix` gives them (once per prefix)."""
+    return frozenset(prefix + name for name in OPTIONS)
+
+
 def check_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The options that are set, checked; ValueError naming an unknown or bad one.
 
     `prefix` is how the caller spells them (add_task's "_timeout").
     """
-    unknown = sorted(set(options) - {prefix + name for name in OPTIONS})
+    unknown = sorted(options.keys() - _spelled(prefix))
     if unknown:
         known = ", ".join(prefix + name for name in OPTIONS)
         raise ValueError(f"unknown task option {unknown[0]!r} (known: {known})")
