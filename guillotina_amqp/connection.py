@@ -16,6 +16,7 @@ import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
+import pamqp.commands
 from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
@@ -386,10 +387,11 @@ class CoalescingWriter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()  # the connection's; frames are written on it only
 
     def write(self, data: bytes) -> None:
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._pending.append(data)
 
     def flush(self) -> None:
@@ -437,9 +439,23 @@ def settle_multiple_confirms(channel: Channel) -> None:
     async def nack(frame: Any, delivery_tag: int | None = None) -> None:
         await settle(frame, aioamqp.exceptions.PublishFailed(frame.delivery_tag))
 
+    dispatch = channel.dispatch_frame
+
+    async def dispatch_frame(frame: Any) -> None:
+        # a confirm is most of what this channel receives: straight to `ack`, without the method
+        # table aioamqp builds for every frame
+        if frame.name == _ACK:
+            await ack(frame)
+        else:
+            await dispatch(frame)
+
     # the channel dispatches frames through its bound methods: instance attributes win
     channel.basic_server_ack = ack  # type: ignore[method-assign]
     channel.basic_server_nack = nack  # type: ignore[method-assign]
+    channel.dispatch_frame = dispatch_frame  # type: ignore[method-assign]
+
+
+_ACK = pamqp.commands.Basic.Ack.name
 
 
 def _waiting_tags(channel: Channel) -> list[int]:

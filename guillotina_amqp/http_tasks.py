@@ -16,7 +16,6 @@ workers' `amqp.http_tasks.secrets` hold.
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
-import yarl
 
 from guillotina_amqp import registry
 from guillotina_amqp.exceptions import Fail
@@ -27,6 +26,7 @@ from guillotina_amqp.utils import add_task
 
 if TYPE_CHECKING:  # aiohttp is imported where a request is made: importing it costs every
     import aiohttp  # process (the worker's start-up above all) about 0.3 s, most never use it
+    import yarl  # and yarl where a URL is read (≈ 10 ms of every start otherwise)
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -88,14 +88,14 @@ def check_request(
     return str(url), method.upper(), headers, secret_headers
 
 
-def check_url(url: Any, settings: HTTPTasksSettings) -> yarl.URL:
+def check_url(url: Any, settings: HTTPTasksSettings) -> "yarl.URL":
     """`url` parsed (as aiohttp will), if its scheme, host and port are allowed; else ValueError."""
     if not isinstance(url, str):
         raise ValueError(f"the URL must be a string, not {type(url).__name__}")
     if not settings.allowed:
         raise ValueError("HTTP tasks are off: amqp.http_tasks.allowed is empty")
     try:
-        parsed = yarl.URL(url)
+        parsed = _url(url)
     except ValueError as exc:
         raise ValueError(f"invalid URL {url[:200]!r}: {exc}") from None
     if not parsed.is_absolute() or parsed.scheme not in ("http", "https"):
@@ -109,7 +109,13 @@ def check_url(url: Any, settings: HTTPTasksSettings) -> yarl.URL:
     return parsed
 
 
-def _origin(url: yarl.URL) -> tuple[str, str, int | None]:
+def _url(text: str = "") -> "yarl.URL":
+    import yarl
+
+    return yarl.URL(text)
+
+
+def _origin(url: "yarl.URL") -> tuple[str, str, int | None]:
     return url.scheme, url.host or "", url.port
 
 
@@ -117,9 +123,9 @@ def _allowed_origins(settings: HTTPTasksSettings) -> set[tuple[str, str, int | N
     origins = set()
     for entry in settings.allowed:
         try:
-            parsed = yarl.URL(entry)
+            parsed = _url(entry)
         except ValueError:
-            parsed = yarl.URL()
+            parsed = _url()
         if not parsed.is_absolute() or parsed.path not in ("", "/") or parsed.query_string:
             raise ValueError(f"amqp.http_tasks.allowed: {entry!r} is not scheme://host[:port]")
         origins.add(_origin(parsed))
@@ -166,7 +172,7 @@ async def http_request(
     async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
         for _ in range(MAX_REDIRECTS + 1):
             async with session.request(
-                call.method, yarl.URL(call.url), json=call.json, headers=call.headers, allow_redirects=False
+                call.method, _url(call.url), json=call.json, headers=call.headers, allow_redirects=False
             ) as answer:
                 if answer.status not in REDIRECTS:
                     return await _result(answer, call)
@@ -181,14 +187,14 @@ def _redirected(
     location = answer.headers.get("Location")
     if not location:
         raise Fail(f"HTTP {answer.status} without Location from {call.method} {call.url}")
-    target = str(yarl.URL(call.url).join(yarl.URL(location)))
+    target = str(_url(call.url).join(_url(location)))
     try:
         check_url(target, settings)
     except ValueError as exc:
         raise Fail(f"redirect from {call.url} refused: {exc}") from None
     if answer.status == 303 or (answer.status in (301, 302) and call.method not in ("GET", "HEAD")):
         call = call._replace(method="GET", json=None)  # what browsers and aiohttp do
-    if _origin(yarl.URL(target)) != _origin(yarl.URL(call.url)):
+    if _origin(_url(target)) != _origin(_url(call.url)):
         call = call._replace(headers=dict(plain_headers))  # secrets were meant for the first origin only
     return call._replace(url=target)
 

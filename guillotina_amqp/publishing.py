@@ -1,6 +1,7 @@
 """Publishing task messages with publisher confirms, over a connection that reconnects itself."""
 
 import asyncio
+import functools
 import logging
 import uuid
 from typing import Any
@@ -19,6 +20,14 @@ logger = logging.getLogger("guillotina_amqp")
 
 #: seconds before the first retry of a failed publish; doubled for each next one
 RETRY_PAUSE = 0.5
+#: what a publish is tried again on: a lost connection or channel, a nack
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, PublishFailed)
+
+
+@functools.lru_cache(maxsize=16)
+def _backoff(retries: int) -> Backoff:
+    """The pauses of a publish tried `retries` more times (made once: add_task's hot path)."""
+    return Backoff(first=RETRY_PAUSE, max_tries=retries + 1)
 
 
 class Publisher:
@@ -113,10 +122,11 @@ class Publisher:
 
         # time for a lost connection to be noticed and replaced, or for a quorum queue to elect
         # a new leader (it refuses publishes meanwhile); a publish again after declaring counts too
-        attempts = Attempts(Backoff(first=RETRY_PAUSE, max_tries=retries + 1))
-        errors = (*CONNECTION_ERRORS, PublishFailed)
+        attempts = Attempts(_backoff(retries))
         for redeclared in (False, True):
-            await retry(attempt, attempts, errors, is_tls_failure, on_retry=retrying, on_giveup=silently)
+            await retry(
+                attempt, attempts, PUBLISH_ERRORS, is_tls_failure, on_retry=retrying, on_giveup=silently
+            )
             if properties["message_id"] not in self._returned:
                 return
             self._returned.discard(properties["message_id"])

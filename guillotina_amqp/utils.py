@@ -32,8 +32,8 @@ from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundExce
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import check_task_id, task_id_prefix, task_name, task_queue
 from guillotina_amqp.publishing import publish_task
-from guillotina_amqp.state import TaskState, get_state_manager
-from guillotina_amqp.state.manager import initial_state
+from guillotina_amqp.state import TaskState
+from guillotina_amqp.state.manager import initial_state, manager_for
 from guillotina_amqp.types import SerializedRequest
 
 logger = logging.getLogger("guillotina_amqp")
@@ -111,10 +111,11 @@ async def add_task(
     """
     options = task_options.from_call(_unwrap(func), kwargs)
     eta = options.get("eta")
+    dotted = _dotted_name(func)
     if not settings.is_configured():
-        logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
+        logger.warning("No 'amqp' settings: task %s not scheduled", dotted)
         return None
-    config = settings.get_settings()
+    config = settings.get_settings()  # read once: each read compares the whole block
     request = _request if _request is not None else task_vars.request.get()
     container, db = task_vars.container.get(), task_vars.db.get()
     db_id = getattr(db, "id", None) if container is not None else None
@@ -122,12 +123,12 @@ async def add_task(
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
     queue = task_queue(options.pop("queue", None), config)
     _check_priority(config, options.get("priority"))
-    manager = get_state_manager()
+    manager = manager_for(config)
     # an id of our own making has no earlier run to follow: no round trip to the store
     run = runs.first_run() if _task_id is None else await manager.next_run(task_id)
     message = {
         **options,
-        "func": _dotted_name(func),
+        "func": dotted,
         "args": list(args),
         "kwargs": kwargs,
         "db_id": db_id,
@@ -139,7 +140,7 @@ async def add_task(
     if queue != config.queue:
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
     body = messages.encode(replay.stamp(message, config), config)
-    dotted_name = task_name(message["func"], args)
+    dotted_name = task_name(dotted, args)
     with tracing.publish_span(task_id, dotted_name, run) as trace_headers:
         if not config.eager:
             priority = options.get("priority")
