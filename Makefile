@@ -37,8 +37,10 @@ $(STAMP): setup.py $(wildcard pyproject.toml setup.cfg guillotina_amqp/__init__.
 services:
 	bash scripts/ensure-services.sh
 
+# The whole suite (pyproject.toml's testpaths), or what PYTEST_ARGS names:
+# `make test PYTEST_ARGS=tests/test_x.py` runs that file, `PYTEST_ARGS="-k retry"` filters the suite.
 test: install services
-	$(BIN)/pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The original plugin's own test suite, from ../shared/upstream-tests (scripts/test-upstream.sh)
 test-upstream: install services
@@ -55,8 +57,9 @@ test-ha: install
 test-long: install services
 	bash scripts/test-long.sh $(PYTEST_ARGS)
 
-# RabbitMQ over TLS (amqps): a node of its own, tls@localhost (5750, amqps 5751), with
-# certificates made for the run (scripts/test-tls.sh; about 30 s). CI runs it after `make test`.
+# RabbitMQ over TLS (amqps): nodes of their own, tls@localhost (5750, amqps 5751) and
+# mtls@localhost (amqps 5753, client certificates required), with certificates made for the
+# run (scripts/test-tls.sh; about 40 s). CI runs it after `make test`.
 test-tls: install services
 	bash scripts/test-tls.sh $(PYTEST_ARGS)
 

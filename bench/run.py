@@ -448,16 +448,18 @@ async def enqueue(bench: Bench) -> dict:
     await add_task("bench.tasks.add", 0, 0)  # connect and declare outside the clock
     n_seq, n_conc = bench.args.enqueue_sequential, bench.args.tasks
     before = await bench.commandstats()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(n_seq):
         await add_task("bench.tasks.add", 1, 2)
     sequential = n_seq / (time.perf_counter() - started)
+    cpu_us = (time.process_time() - cpu) / n_seq * 1e6  # this process's: the caller's side only
     calls = per_task(before, await bench.commandstats(), n_seq)
     started = time.perf_counter()
     await gather_limited([lambda: add_task("bench.tasks.add", 1, 2)] * n_conc, bench.args.callers)
     concurrent = n_conc / (time.perf_counter() - started)
     return {
         "sequential_per_s": round(sequential),
+        "sequential_cpu_us_per_call": round(cpu_us),
         "concurrent_per_s": round(concurrent),
         "callers": bench.args.callers,
         "redis_calls_per_task": calls,
@@ -486,6 +488,15 @@ def table(r: dict) -> list[tuple[str, str, str]]:
         rows.append(
             (f"(c) 50 ms sleeps, tasks/s (ideal {ideal:g})", f"{rate}", f"{rate / ideal:.0%} of ideal")
         )
+    for key, name in (("b_redis", "(b) redis"), ("b_memory", "(b) memory"), ("c_sleep", "(c) sleeps")):
+        if key in r:
+            rows.append(
+                (
+                    f"{name}: worker CPU per task, µs (start-up, s)",
+                    f"{r[key]['worker_cpu_us_per_task']} ({r[key]['worker_startup_s']})",
+                    "",
+                )
+            )
     rows.append(
         (
             "(d) add_task -> join() p50 / p99, ms",
@@ -497,6 +508,8 @@ def table(r: dict) -> list[tuple[str, str, str]]:
     rows.append(
         ("(e) add_task sequential, tasks/s", f"{e['sequential_per_s']}", ratio(e["sequential_per_s"], pub))
     )
+    caller_cpu = f"{e['sequential_cpu_us_per_call']}"
+    rows.append(("(e) add_task sequential: caller CPU per call, µs", caller_cpu, ""))
     rows.append(
         (
             f"(e) add_task, {e['callers']} concurrent callers, tasks/s",
@@ -505,18 +518,6 @@ def table(r: dict) -> list[tuple[str, str, str]]:
         )
     )
     return rows
-
-
-def cpu_line(r: dict) -> str:
-    """The worker's CPU per task and its start-up time for (b) and (c): regressions show here
-    before the noisy rates do."""
-    parts = []
-    for key, name in (("b_redis", "(b) redis"), ("b_memory", "(b) memory"), ("c_sleep", "(c) sleeps")):
-        if key in r:
-            parts.append(
-                f"{name} {r[key]['worker_cpu_us_per_task']} (start-up {r[key]['worker_startup_s']} s)"
-            )
-    return ", ".join(parts) or "-"
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -601,7 +602,6 @@ def report(results: dict, output: str) -> None:
     for key, label in (("e_enqueue", "add_task"), ("b_redis", "worker, per message")):
         calls = results["median"][key]["redis_calls_per_task"]
         print(f"  Redis commands per task, {label}: {calls}")
-    print(f"  Worker CPU per task, µs: {cpu_line(results['median'])}")
     Path(output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {output}")
 

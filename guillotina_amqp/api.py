@@ -199,25 +199,43 @@ async def list_workers(context: Any, request: Any) -> list[dict[str, Any]]:
 @container_service(
     "GET",
     "@amqp-queues",
-    "Messages waiting in the main, delay and error queues, and tasks ended over the last hour",
+    "Messages waiting in the main, delay and error queues (amqp.queue's, those live workers "
+    "consume and those named by ?queue=), and tasks ended over the last hour",
 )
 async def list_queues(context: Any, request: Any) -> dict[str, Any]:
-    depths = await queues.depths(get_settings())
+    asked = request.query.getall("queue", [])
+    consumed = [queue for worker in await get_state_manager().workers() for queue in _consumed(worker)]
+    try:
+        depths = await queues.depths(get_settings(), [*consumed, *asked])
+    except ValueError as exc:  # a ?queue= RabbitMQ would refuse as a name
+        raise HTTPBadRequest(content={"reason": str(exc)})
     chart = await task_index.throughput(get_state_manager(), _container_prefix(context))
     return {"queues": depths, "throughput": chart}
+
+
+def _consumed(worker: dict[str, Any]) -> list[str]:
+    """The queues a live worker announced it consumes (its `queue` is their names, comma-joined)."""
+    announced = worker.get("queue")
+    return [name for name in announced.split(", ") if name] if isinstance(announced, str) else []
 
 
 @container_service(
     "POST",
     "@amqp-queues/dead-letters/requeue",
-    'Move this container\'s dead letters (all, or those of {"task_id": ...}) back into the main '
-    "queue; those that do not verify are refused, left in the error queue, each with its reason",
+    'Move this container\'s dead letters (all, or those of {"task_id": ...}; of amqp.queue, or '
+    'of {"queue": ...}) back into the queue they died in; those that do not verify are refused, '
+    "left in the error queue, each with its reason",
 )
 async def requeue_dead_letters(context: Any, request: Any) -> dict[str, Any]:
     body = await _json_body(request)
     task_id = body.get("task_id")
     if task_id is not None and not isinstance(task_id, str):
         raise HTTPBadRequest(content={"reason": "task_id must be a string"})
+    queue = body.get("queue")
+    try:
+        queues.family(get_settings(), queue)
+    except ValueError as exc:
+        raise HTTPBadRequest(content={"reason": str(exc)})
     prefix = _container_prefix(context)
     ambiguous = _lookalike_prefix(prefix)
 
@@ -228,7 +246,7 @@ async def requeue_dead_letters(context: Any, request: Any) -> dict[str, Any]:
             task["task_id"], task, context, prefix, ambiguous
         )
 
-    done = await queues.requeue(get_settings(), task_id, ours)
+    done = await queues.requeue(get_settings(), task_id, ours, queue)
     return {
         "requeued": [letter.describe()["task_id"] for letter in done.moved],
         "refused": [{"task_id": letter.describe()["task_id"], "reason": why} for letter, why in done.refused],

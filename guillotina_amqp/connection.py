@@ -12,18 +12,18 @@ import dataclasses
 import inspect
 import logging
 import random
-import ssl
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
+import pamqp.commands
 from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
 from guillotina_amqp import names, tls
 from guillotina_amqp.cancelling import cancel_and_wait
 from guillotina_amqp.exceptions import InvalidSettings, TLSFailure
-from guillotina_amqp.retrying import Backoff, retry
+from guillotina_amqp.retrying import Backoff, log_giveup, retry
 from guillotina_amqp.settings import AMQPSettings
 
 logger = logging.getLogger("guillotina_amqp")
@@ -49,7 +49,8 @@ Setup = Callable[[], Awaitable[dict[str, asyncio.Event]]]
 RECONNECT = Backoff(first=1, cap=5, jitter=True)
 
 
-def _is_tls_failure(exc: Exception) -> bool:
+def is_tls_failure(exc: Exception) -> bool:
+    """A TLS connection refused (a certificate, either side) stays refused: not worth retrying."""
     return isinstance(exc, TLSFailure)
 
 
@@ -59,8 +60,16 @@ async def retrying(
     giveup: Callable[[Exception], bool] = lambda exc: False,
 ) -> T:
     """`await call()`, retried on CONNECTION_ERRORS with exponential backoff (RECONNECT) for up
-    to `max_time` seconds (None: until it works or `giveup(error)`)."""
-    return await retry(call, dataclasses.replace(RECONNECT, max_time=max_time), CONNECTION_ERRORS, giveup)
+    to `max_time` seconds (None: until it works or `giveup(error)`). An error `giveup` accepts
+    is raised without a "Giving up" line: the caller reports it (naming the setting to fix)."""
+    log = log_giveup(getattr(call, "__name__", repr(call)))
+
+    def gave_up(exc: Exception, tries: int) -> None:
+        if not giveup(exc):
+            log(exc, tries)
+
+    policy = dataclasses.replace(RECONNECT, max_time=max_time)
+    return await retry(call, policy, CONNECTION_ERRORS, giveup, on_giveup=gave_up)
 
 
 class AMQPConnection:
@@ -106,9 +115,9 @@ class AMQPConnection:
         """Connect to a broker, retrying with exponential backoff for up to `max_time` seconds,
         and declare the topology; from then on, reconnect whenever the connection is lost.
 
-        A broker whose certificate does not verify is not retried: TLSFailure at once (once
-        open, a reconnection keeps trying: a certificate may be renewed meanwhile)."""
-        await retrying(self._connect_any, max_time, giveup=_is_tls_failure)
+        A certificate refused, either side, is not retried: TLSFailure at once (once open, a
+        reconnection keeps trying: a certificate may be renewed meanwhile)."""
+        await retrying(self._connect_any, max_time, giveup=is_tls_failure)
         try:
             await self.declare_topology()
         except BaseException:
@@ -145,21 +154,29 @@ class AMQPConnection:
         """Try each broker once, the current one first; raise the last error if none answers."""
         error: Exception = ConnectionError("no broker")
         for _ in self._addresses:
+            host, port = self._addresses[self._current]
             try:
-                await asyncio.wait_for(self._connect(*self._addresses[self._current]), CONNECT_TIMEOUT)
+                await asyncio.wait_for(self._connect(host, port), CONNECT_TIMEOUT)
                 return
-            except ssl.SSLError as exc:
-                # never retried over plain TCP: the operator asked for TLS
-                error = TLSFailure(
-                    f"TLS to RabbitMQ at {self.address} (amqp.ssl): {tls.describe_failure(exc)}"
-                )
-                logger.warning("%s could not connect to RabbitMQ: %s", self.name, error)
-                self._current = (self._current + 1) % len(self._addresses)
             except CONNECTION_ERRORS as exc:
-                error = exc
-                logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
+                error = await self._tls_failure(exc, host, port) or exc
+                if isinstance(error, TLSFailure):
+                    logger.warning("%s could not connect to RabbitMQ: %s", self.name, error)
+                else:
+                    logger.warning("%s could not connect to RabbitMQ at %s: %r", self.name, self.address, exc)
                 self._current = (self._current + 1) % len(self._addresses)
         raise error
+
+    async def _tls_failure(self, exc: Exception, host: str, port: int) -> TLSFailure | None:
+        """A TLSFailure when TLS is why the attempt failed with `exc` (a certificate either side
+        refused, a plain-TCP port): never retried over plain TCP, the operator asked for TLS."""
+        if self._ssl is None or self.settings.ssl is None:
+            return None
+        failure = await tls.failure_behind(exc, host, port, self._ssl)
+        if failure is None:
+            return None
+        why = tls.describe_failure(failure, self.settings.ssl)
+        return TLSFailure(f"TLS to RabbitMQ at {self.address} (amqp.ssl): {why}")
 
     async def _connect(self, host: str, port: int) -> None:
         s = self.settings
@@ -370,10 +387,11 @@ class CoalescingWriter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()  # the connection's; frames are written on it only
 
     def write(self, data: bytes) -> None:
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._pending.append(data)
 
     def flush(self) -> None:
@@ -421,9 +439,23 @@ def settle_multiple_confirms(channel: Channel) -> None:
     async def nack(frame: Any, delivery_tag: int | None = None) -> None:
         await settle(frame, aioamqp.exceptions.PublishFailed(frame.delivery_tag))
 
+    dispatch = channel.dispatch_frame
+
+    async def dispatch_frame(frame: Any) -> None:
+        # a confirm is most of what this channel receives: straight to `ack`, without the method
+        # table aioamqp builds for every frame
+        if frame.name == _ACK:
+            await ack(frame)
+        else:
+            await dispatch(frame)
+
     # the channel dispatches frames through its bound methods: instance attributes win
     channel.basic_server_ack = ack  # type: ignore[method-assign]
     channel.basic_server_nack = nack  # type: ignore[method-assign]
+    channel.dispatch_frame = dispatch_frame  # type: ignore[method-assign]
+
+
+_ACK = pamqp.commands.Basic.Ack.name
 
 
 def _waiting_tags(channel: Channel) -> list[int]:

@@ -1,13 +1,13 @@
-"""Task control (docs/tasks.md): per-task options, checked where they are given, and the retry delay.
+"""Task control (docs/tasks.md): the checks of the options `timeout`, `max_retries` and `priority`,
+and the retry delay.
 
-`timeout`, `max_retries` and `priority` are given on `@task(...)` and, with a leading underscore,
-on `add_task(...)`; they travel as message fields of the same names. The call
-overrides the decorator, the decorator overrides the `amqp` settings.
+Each check is given how the caller spelled the option (`_timeout` on add_task, `timeout` on
+`@task`, `'timeout'` in a message): the options themselves are declared in options.TaskOptions.
 """
 
 import math
 import random
-from typing import Any, Callable
+from typing import Any
 
 from guillotina_amqp import names
 from guillotina_amqp.settings import AMQPSettings
@@ -46,31 +46,6 @@ def _shown(value: Any) -> str:
     """A bad value as an error message shows it (a hostile message's value may be huge)."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:40]}..."
-
-
-#: The per-task options: the name on @task and in the message -> its check.
-OPTIONS: dict[str, Callable[[Any, str], Any]] = {
-    "timeout": check_timeout,
-    "max_retries": check_max_retries,
-    "priority": check_priority,
-}
-
-
-def check_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The options that are set, checked; ValueError naming an unknown or bad one.
-
-    `prefix` is how the caller spells them (add_task's "_timeout").
-    """
-    unknown = sorted(set(options) - {prefix + name for name in OPTIONS})
-    if unknown:
-        known = ", ".join(prefix + name for name in OPTIONS)
-        raise ValueError(f"unknown task option {unknown[0]!r} (known: {known})")
-    checked = {}
-    for name, check in OPTIONS.items():
-        value = check(options.get(prefix + name), prefix + name)
-        if value is not None:
-            checked[name] = value
-    return checked
 
 
 #: The most retries the exponent grows by (the cap is reached long before)

@@ -9,9 +9,9 @@ from guillotina.transactions import get_transaction
 from guillotina.utils import execute
 from zope.interface import implementer
 
-from guillotina_amqp import control, expiry, offload, registry
+from guillotina_amqp import options as task_options
+from guillotina_amqp import registry
 from guillotina_amqp.interfaces import ITaskDefinition
-from guillotina_amqp.names import DEFAULT_QUEUE, check_queue_name
 from guillotina_amqp.state import TaskState
 
 
@@ -19,30 +19,20 @@ from guillotina_amqp.state import TaskState
 class TaskDefinition:
     """A registered task: `await definition(...)` schedules `func(...)` and returns its TaskState.
 
-    `options` (`timeout`, `max_retries`) apply to every call unless the call gives its
-    own (`_timeout=`, `_max_retries=`); ValueError naming an unknown or bad option.
+    `options` (`timeout`, `queue`, ... : those of options.TaskOptions that @task takes,
+    docs/tasks.md#options) apply to every call unless the call gives its own (`_timeout=`,
+    `_queue=`); ValueError naming an unknown or bad option, checked now so it fails at import.
     """
 
     object_task = False
 
-    def __init__(
-        self,
-        func: Callable[..., Any],
-        retries: int = 3,
-        queue: str | None = None,
-        expires: float | None = None,
-        run_in: str | None = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, func: Callable[..., Any], retries: int = 3, **options: Any) -> None:
         self.func = func
         self.retries = retries
-        self.queue = _checked_queue(queue)
-        self.options = control.check_options(options)
-        # when and where it runs (docs/tasks.md): checked now, so a bad one fails at import
-        expiry.deadline(expires)
-        if run_in is not None and self.object_task:
+        if options.get("run_in") is not None and self.object_task:
             raise ValueError(f"object task {registry.dotted_name(func)}: run_in is not for object tasks")
-        self.when = {"_expires": expires, "_run_in": offload.check_run_in(func, run_in)}
+        #: add_task's keywords every call defaults to
+        self.defaults = task_options.on_task(func, options)
         functools.update_wrapper(self, func)
         registry.register(func)
 
@@ -57,10 +47,7 @@ class TaskDefinition:
         from guillotina_amqp.utils import add_object_task, add_task
 
         kwargs.setdefault("_retries", self.retries)
-        for name, value in self.options.items():
-            kwargs.setdefault(f"_{name}", value)
-        kwargs.setdefault("_queue", self.queue)
-        for name, value in self.when.items():
+        for name, value in self.defaults.items():
             kwargs.setdefault(name, value)
         if self.object_task:
             return await add_object_task(self.func, *args, **kwargs)
@@ -105,34 +92,19 @@ def _current_transaction() -> Any:
     return txn
 
 
-def _checked_queue(queue: str | None) -> str | None:
-    """A named queue's name, checked when the task is defined rather than at its first call."""
-    if queue not in (None, DEFAULT_QUEUE):
-        check_queue_name(queue)  # ValueError naming the problem
-    return queue
-
-
 def _decorator(kind: type[TaskDefinition]) -> Callable[..., Any]:
-    def decorate(
-        func: Callable[..., Any] | None = None,
-        retries: int = 3,
-        queue: str | None = None,
-        expires: float | None = None,
-        run_in: str | None = None,
-        **options: Any,
-    ) -> Any:
-        control.check_options(options)  # at decoration, even before a function is given
+    def decorate(func: Callable[..., Any] | None = None, retries: int = 3, **options: Any) -> Any:
         if func is None:
-            return lambda f: kind(f, retries, queue, expires, run_in, **options)
-        return kind(func, retries, queue, expires, run_in, **options)
+            task_options.on_task(None, options)  # at decoration, even before a function is given
+            return lambda f: kind(f, retries, **options)
+        return kind(func, retries, **options)
 
     return decorate
 
 
 #: `@task`, `@task(retries=5, timeout=30, max_retries=2, queue="reports")` or `task(func, retries=3)`;
 #: `retries` is how often publishing is tried again, `max_retries` how often a failed run is;
-#: `expires=` (seconds) and `run_in="thread"|"process"` (plain `def` functions) say when and
-#: where it runs.
+#: the options are those of options.TaskOptions that @task takes (docs/tasks.md#options).
 task = _decorator(TaskDefinition)
 #: `@object_task`: like `task`, the first argument being the object to run on.
 object_task = _decorator(ObjectTaskDefinition)

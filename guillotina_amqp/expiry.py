@@ -30,13 +30,12 @@ def deadline(expires: Any, now: float | None = None) -> float | None:
     return (time.time() if now is None else now) + expires
 
 
-def check_field(value: Any) -> str | None:
-    """What is wrong with a message's `expires` field (None when it is fine)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"'{FIELD}' is not a number of seconds since the epoch: {_shown(value)}"
-    return None
+def check_field(value: Any, name: str) -> None:
+    """A message's `expires` field: absent or a finite epoch second; ValueError otherwise."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} is not a number of seconds since the epoch: {_shown(value)}")
 
 
 def expired(data: dict, now: float | None = None) -> str | None:

@@ -11,7 +11,7 @@ from guillotina.auth.users import ROOT_USER_ID
 from guillotina.interfaces import Allow, AllowSingle, IPrincipal, IRequest
 from guillotina.utils import get_object_url
 
-from guillotina_amqp import control, expiry, offload, replay, runs, timing
+from guillotina_amqp import options, replay, runs
 from guillotina_amqp.exceptions import InvalidMessage, MessageRefused
 from guillotina_amqp.names import check_task_id
 from guillotina_amqp.settings import AMQPSettings
@@ -252,19 +252,11 @@ def _check_fields(message: dict, task_id: str | None, settings: AMQPSettings) ->
     for name in ("db_id", "container_id"):
         if not isinstance(message.setdefault(name, None), (str, type(None))):
             raise InvalidMessage(f"'{name}' is neither a string nor null", task_id)
-    for name, check in control.OPTIONS.items():
-        try:
-            check(message.get(name), f"'{name}'")
-        except ValueError as exc:
-            raise InvalidMessage(str(exc), task_id) from None
     try:
-        timing.check_eta(message.get("eta"))
+        options.check_fields(message)  # a hostile value is refused here, never met by the worker
     except ValueError as exc:
         raise InvalidMessage(str(exc), task_id) from None
-    if not isinstance(message.get("queue", ""), str):
-        raise InvalidMessage("'queue' is not a string", task_id)
     _check_request(message["req_data"], task_id)
-    _check_when(message, task_id)
     replay.check_fresh(message, settings, task_id)
 
 
@@ -298,13 +290,6 @@ def _check_request(req_data: dict, task_id: str | None) -> None:
     for name in ("roles", "groups"):
         if not all(isinstance(item, str) for item in user.get(name) or ()):
             raise InvalidMessage(f"'user.{name}' holds something other than names", task_id)
-
-
-def _check_when(message: dict, task_id: str | None) -> None:
-    """The eta, expires and run_in fields: a hostile value is refused here, never met by the worker."""
-    problem = expiry.check_field(message.get("expires")) or offload.check_field(message)
-    if problem:
-        raise InvalidMessage(problem, task_id)
 
 
 def _drop_credentials(req_data: dict) -> None:

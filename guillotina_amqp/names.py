@@ -156,8 +156,13 @@ MAX_QUEUE_NAME_LENGTH = 255 - len("-priority-delay-1661010000ms")  # fits "-quor
 
 def task_queue(name: Any, settings: AMQPSettings) -> str:
     """The queue `name` designates: amqp.queue for None or "default", else `name`, checked."""
+    return named_queue(name) or settings.queue
+
+
+def named_queue(name: Any) -> str | None:
+    """`name` checked, None for None and "default" (amqp.queue, whatever the settings call it)."""
     if name is None or name == DEFAULT_QUEUE:
-        return settings.queue
+        return None
     return check_queue_name(name)
 
 

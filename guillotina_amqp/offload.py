@@ -17,15 +17,16 @@ import functools
 import importlib
 import inspect
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import pickle
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from guillotina_amqp.task_vars import amqp_job
+
+if TYPE_CHECKING:  # imported where the first process task starts: most workers never start one
+    import multiprocessing.context
 
 logger = logging.getLogger("guillotina_amqp")
 
@@ -93,11 +94,10 @@ def check_run_in(func: Callable[..., Any] | str, run_in: Any) -> str | None:
     return run_in
 
 
-def check_field(message: dict) -> str | None:
-    """What is wrong with a message's `run_in` field (None when it is fine)."""
-    if message.get("run_in") not in (None, *RUN_IN):
-        return "'run_in' is neither 'thread', 'process' nor null"
-    return None
+def check_field(value: Any, name: str) -> None:
+    """A message's `run_in` field: absent, null, "thread" or "process"; ValueError otherwise."""
+    if value not in (None, *RUN_IN):
+        raise ValueError(f"{name} is neither 'thread', 'process' nor null")
 
 
 async def call(func: Callable[..., Any], data: dict) -> Any:
@@ -159,12 +159,14 @@ def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> N
 # -- processes ----------------------------------------------------------------
 #: seconds a process that answered gets to exit on its own (flushing its output) before it is killed
 EXIT_GRACE = 5.0
-_mp: multiprocessing.context.BaseContext | None = None
+_mp: "multiprocessing.context.BaseContext | None" = None
 
 
-async def _mp_context() -> multiprocessing.context.BaseContext:
+async def _mp_context() -> "multiprocessing.context.BaseContext":
     global _mp
     if _mp is None:
+        import multiprocessing.forkserver
+
         mp = multiprocessing.get_context("forkserver")
         mp.set_forkserver_preload([__name__])  # type: ignore[attr-defined]
         # starting the server imports guillotina_amqp: seconds the loop must not wait

@@ -1,6 +1,7 @@
 """Publishing task messages with publisher confirms, over a connection that reconnects itself."""
 
 import asyncio
+import functools
 import logging
 import uuid
 from typing import Any
@@ -10,7 +11,7 @@ from aioamqp.exceptions import PublishFailed
 
 from guillotina_amqp import message as messages
 from guillotina_amqp import names
-from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue
+from guillotina_amqp.connection import CONNECTION_ERRORS, AMQPConnection, declare_queue, is_tls_failure
 from guillotina_amqp.exceptions import MessageNotRouted
 from guillotina_amqp.retrying import Attempts, Backoff, retry, silently
 from guillotina_amqp.settings import AMQPSettings
@@ -19,6 +20,14 @@ logger = logging.getLogger("guillotina_amqp")
 
 #: seconds before the first retry of a failed publish; doubled for each next one
 RETRY_PAUSE = 0.5
+#: what a publish is tried again on: a lost connection or channel, a nack
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, PublishFailed)
+
+
+@functools.lru_cache(maxsize=16)
+def _backoff(retries: int) -> Backoff:
+    """The pauses of a publish tried `retries` more times (made once: add_task's hot path)."""
+    return Backoff(first=RETRY_PAUSE, max_tries=retries + 1)
 
 
 class Publisher:
@@ -88,7 +97,8 @@ class Publisher:
         False to pass on a message as it is, signature header included (a requeued dead letter).
 
         A closed connection or channel is replaced and the publish tried again, up to
-        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack).
+        `retries` times, 0.5, 1, 2... s apart; so is a publish the broker refused (nack), not
+        a TLS connection refused (TLSFailure at once).
         A message the broker confirms but cannot route (its queue was deleted since we
         declared it) would be lost: the queues are declared again and the message
         published once more, else MessageNotRouted.
@@ -112,10 +122,11 @@ class Publisher:
 
         # time for a lost connection to be noticed and replaced, or for a quorum queue to elect
         # a new leader (it refuses publishes meanwhile); a publish again after declaring counts too
-        attempts = Attempts(Backoff(first=RETRY_PAUSE, max_tries=retries + 1))
-        errors = (*CONNECTION_ERRORS, PublishFailed)
+        attempts = Attempts(_backoff(retries))
         for redeclared in (False, True):
-            await retry(attempt, attempts, errors, on_retry=retrying, on_giveup=silently)
+            await retry(
+                attempt, attempts, PUBLISH_ERRORS, is_tls_failure, on_retry=retrying, on_giveup=silently
+            )
             if properties["message_id"] not in self._returned:
                 return
             self._returned.discard(properties["message_id"])

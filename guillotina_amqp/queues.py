@@ -1,4 +1,4 @@
-"""The task queues as operators see them (docs/operations.md): depths, and the error queue's dead letters.
+"""The task queues as operators see them (docs/operations.md): depths, and the error queues' dead letters.
 
 Depths come from passive declares (they never create a queue). Dead letters are
 read with basic.get: listing hands every message back; requeueing moves one
@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import aioamqp
 import orjson
@@ -74,20 +74,33 @@ async def _channel(settings: AMQPSettings) -> AsyncIterator[tuple[AMQPConnection
         await connection.close()
 
 
-async def depths(settings: AMQPSettings) -> list[dict[str, Any]]:
-    """Messages waiting and consumers of the main, delay and error queues."""
+def family(settings: AMQPSettings, queue: str | None = None) -> list[str]:
+    """The main queues of `queue` (a named queue, or amqp.queue for None / "default"): itself
+    and, but with quorum queues, its priority queue; each has its own delay and error queue."""
+    main = names.task_queue(queue, settings)
+    return [main, *names.priority_queues(settings, [main])]
+
+
+async def depths(settings: AMQPSettings, queues: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Messages waiting and consumers of the main, delay and error queues of amqp.queue and of
+    each named queue of `queues`. A priority queue never declared is left out; any other
+    queue that is missing is listed with None (deleted by hand: say so)."""
     found = []
+    mains = dict.fromkeys(main for queue in [None, *queues] for main in family(settings, queue))
     async with _channel(settings) as (connection, channel):
-        for queue in names.topology(settings):
-            try:
-                reply = await channel.queue_declare(queue, passive=True)
-            except aioamqp.ChannelClosed:  # gone (deleted by hand): say so, look at the others
-                channel = await connection.channel()
-                found.append({"queue": queue, "messages": None, "consumers": None})
-                continue
-            found.append(
-                {"queue": queue, "messages": reply["message_count"], "consumers": reply["consumer_count"]}
-            )
+        for main in mains:
+            optional = names.is_priority_queue(main)
+            for queue in names.topology(settings, main):
+                try:
+                    reply = await channel.queue_declare(queue, passive=True)
+                except aioamqp.ChannelClosed:
+                    channel = await connection.channel()
+                    if not optional:
+                        found.append({"queue": queue, "messages": None, "consumers": None})
+                    continue
+                found.append(
+                    {"queue": queue, "messages": reply["message_count"], "consumers": reply["consumer_count"]}
+                )
     return found
 
 
@@ -100,15 +113,28 @@ async def _get(channel: Channel, queue: str) -> DeadLetter | None:
     return DeadLetter(reply["message"], headers, reply["delivery_tag"])
 
 
-async def dead_letters(settings: AMQPSettings, limit: int = 100) -> list[DeadLetter]:
-    """Up to `limit` messages of the error queue, left in it (unacked, handed back on close)."""
+async def _waiting(connection: AMQPConnection, channel: Channel, queue: str) -> tuple[Channel, int]:
+    """(a usable channel, messages in `queue`); 0 for a queue that does not exist."""
+    try:
+        return channel, (await channel.queue_declare(queue, passive=True))["message_count"]
+    except aioamqp.ChannelClosed:  # a priority queue never used: nothing in it
+        return await connection.channel(), 0
+
+
+async def dead_letters(
+    settings: AMQPSettings, limit: int = 100, queue: str | None = None
+) -> list[DeadLetter]:
+    """Up to `limit` messages of the error queues of `queue` (default amqp.queue; its priority
+    queue's too), left in them (unacked, handed back on close)."""
     found: list[DeadLetter] = []
-    async with _channel(settings) as (_, channel):
-        while len(found) < limit:
-            letter = await _get(channel, names.error_queue(settings.queue))
-            if letter is None:
-                break
-            found.append(letter)
+    async with _channel(settings) as (connection, channel):
+        for main in family(settings, queue):
+            channel, waiting = await _waiting(connection, channel, names.error_queue(main))
+            for _ in range(min(waiting, limit - len(found))):
+                letter = await _get(channel, names.error_queue(main))
+                if letter is None:
+                    break
+                found.append(letter)
     return found
 
 
@@ -122,40 +148,58 @@ class Requeued:
 
 
 async def requeue(
-    settings: AMQPSettings, task_id: str | None = None, wanted: Callable[[dict], bool] | None = None
+    settings: AMQPSettings,
+    task_id: str | None = None,
+    wanted: Callable[[dict], bool] | None = None,
+    queue: str | None = None,
 ) -> Requeued:
-    """Move the error queue's messages (only `task_id`'s if given, only those whose message
-    `wanted` accepts) back into the main queue, as they were signed.
+    """Move the dead letters of `queue` (default amqp.queue; only `task_id`'s if given, only
+    those whose message `wanted` accepts) back into the queue each died in, as they were
+    signed (a priority task's into its priority queue).
 
     Only the messages there when it starts: one that fails again and comes back is left
     for the next requeue. Skipped and refused messages stay unacked until the end, then go back.
     """
     done = Requeued([], [])
-    error_queue = names.error_queue(settings.queue)
     async with _channel(settings) as (connection, channel):
-        waiting = (await channel.queue_declare(error_queue, passive=True))["message_count"]
-        publisher = Publisher(settings, connection)
-        for _ in range(waiting):
-            letter = await _get(channel, error_queue)
-            if letter is None:
-                break
-            described = letter.describe()
-            if task_id is not None and described["task_id"] != task_id:
-                continue
-            if wanted is not None and not wanted(described["message"]):
-                continue
-            problem = refusal(letter, settings)
-            if problem is not None:
-                # %r: the id is the message's own text, whatever it holds
-                logger.warning("Dead letter of task %r not requeued: %s", described["task_id"], problem)
-                done.refused.append((letter, problem))
-                continue
-            headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
-            await _reopen(described["message"])
-            await publisher.publish(letter.body, settings.queue, retries=0, headers=headers, sign=False)
-            await channel.basic_client_ack(letter.delivery_tag)
-            done.moved.append(letter)
+        mover = _Mover(settings, Publisher(settings, connection), done, task_id, wanted)
+        for main in family(settings, queue):
+            channel, waiting = await _waiting(connection, channel, names.error_queue(main))
+            for _ in range(waiting):
+                letter = await _get(channel, names.error_queue(main))
+                if letter is None:
+                    break
+                await mover.move(letter, main, channel)
     return done
+
+
+@dataclass
+class _Mover:
+    """One requeue's choice and move of each dead letter it reads."""
+
+    settings: AMQPSettings
+    publisher: Publisher
+    done: Requeued
+    task_id: str | None
+    wanted: Callable[[dict], bool] | None
+
+    async def move(self, letter: DeadLetter, main: str, channel: Channel) -> None:
+        described = letter.describe()
+        if self.task_id is not None and described["task_id"] != self.task_id:
+            return
+        if self.wanted is not None and not self.wanted(described["message"]):
+            return
+        problem = refusal(letter, self.settings)
+        if problem is not None:
+            # %r: the id is the message's own text, whatever it holds
+            logger.warning("Dead letter of task %r not requeued: %s", described["task_id"], problem)
+            self.done.refused.append((letter, problem))
+            return
+        headers = {k: v for k, v in letter.headers.items() if k not in DROPPED_HEADERS}
+        await _reopen(described["message"])
+        await self.publisher.publish(letter.body, main, retries=0, headers=headers, sign=False)
+        await channel.basic_client_ack(letter.delivery_tag)
+        self.done.moved.append(letter)
 
 
 def refusal(letter: DeadLetter, settings: AMQPSettings) -> str | None:
@@ -187,8 +231,12 @@ async def _reopen(message: Any) -> None:
     await get_state_manager().finish(message["task_id"], reopened, None, owner="", run=run)
 
 
-async def purge(settings: AMQPSettings) -> int:
-    """Drop every message of the error queue; how many there were."""
-    async with _channel(settings) as (_, channel):
-        reply = await channel.queue_purge(names.error_queue(settings.queue))
-    return int(reply["message_count"])
+async def purge(settings: AMQPSettings, queue: str | None = None) -> int:
+    """Drop every message of the error queues of `queue` (default amqp.queue); how many there were."""
+    count = 0
+    async with _channel(settings) as (connection, channel):
+        for main in family(settings, queue):
+            channel, waiting = await _waiting(connection, channel, names.error_queue(main))
+            if waiting:
+                count += int((await channel.queue_purge(names.error_queue(main)))["message_count"])
+    return count

@@ -89,7 +89,7 @@ async def retry(
         except errors as exc:
             pause = None if giveup(exc) else attempts.failed(elapsed)
             if pause is None:
-                (on_giveup or _log_giveup(name or _name(call)))(exc, attempts.tries)
+                (on_giveup or log_giveup(name or _name(call)))(exc, attempts.tries)
                 raise
             (on_retry or _log_backoff(name or _name(call)))(exc, attempts.tries, pause)
             await asyncio.sleep(pause)
@@ -110,7 +110,9 @@ def _log_backoff(name: str) -> OnRetry:
     return log
 
 
-def _log_giveup(name: str) -> Callable[[Exception, int], None]:
+def log_giveup(name: str) -> Callable[[Exception, int], None]:
+    """The default `on_giveup`: the last failure logged at ERROR, naming the call."""
+
     def log(exc: Exception, tries: int) -> None:
         logger.error("Giving up %s(...) after %d tries (%s)", name, tries, _exception_line(exc))
 

@@ -52,9 +52,9 @@ async def until(eta: float | None) -> None:
         await asyncio.sleep(eta - time.time())
 
 
-def check_eta(value: Any) -> None:
+def check_eta(value: Any, name: str) -> None:
     """A message's `eta`: absent or a finite epoch second; ValueError otherwise."""
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     ):
-        raise ValueError(f"'eta' must be an epoch second, not {str(value)[:40]!r}")
+        raise ValueError(f"{name} must be an epoch second, not {str(value)[:40]!r}")

@@ -1,11 +1,13 @@
 """Shapes of the data a task message carries (docs/design.md#messages), for type hints.
 
 `TaskMessage` is the message itself, every field it may carry declared once (message.FIELDS
-is read from it); `SerializedRequest` is its `req_data`: what `utils.serialize_request`
-returns and `utils.make_request` rebuilds a request from.
+is read from it), its per-task options in options.TaskOptions; `SerializedRequest` is its
+`req_data`: what `utils.serialize_request` returns and `utils.make_request` rebuilds a request from.
 """
 
 from typing import Any, Required, TypedDict
+
+from guillotina_amqp.options import TaskOptions
 
 
 class SerializedUser(TypedDict):
@@ -29,9 +31,10 @@ class SerializedRequest(TypedDict):
     user: SerializedUser
 
 
-class TaskMessage(TypedDict, total=False):
+class TaskMessage(TaskOptions, total=False):
     """A task message (docs/design.md#messages): what add_task publishes, the worker decodes and
-    the state keeps as `job_data`. A field not declared here is refused by the worker."""
+    the state keeps as `job_data`. A field not declared here or among the per-task options
+    (options.TaskOptions, docs/tasks.md#options) is refused by the worker."""
 
     func: Required[str]  # the function's dotted name
     task_id: Required[str]
@@ -41,14 +44,5 @@ class TaskMessage(TypedDict, total=False):
     container_id: str | None
     req_data: SerializedRequest
     run: str  # this run's id (message.new_run)
-    queue: str  # a named queue it was sent to (absent: amqp.queue)
-    # per-task options (control.OPTIONS), present only when the task or the call set them
-    timeout: float
-    max_retries: int
-    priority: int
-    # when it may start, its deadline, where a plain def runs (docs/tasks.md), only when set
-    eta: float
-    expires: float
-    run_in: str
     # when a signed message was issued (replay.ISSUED: its replays are refused after a while)
     issued: float

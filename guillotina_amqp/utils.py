@@ -7,7 +7,6 @@ generate_task_id, serialize_request, make_request, metric_measure.
 import inspect
 import logging
 import uuid
-from datetime import datetime
 from typing import Any, AsyncIterator, Callable
 
 from guillotina import task_vars
@@ -17,12 +16,9 @@ from guillotina.utils import get_authenticated_user, get_content_path, navigate_
 
 from guillotina_amqp import (
     context,
-    control,
     eager,
     events,
-    expiry,
     metrics,
-    offload,
     registry,
     replay,
     runs,
@@ -31,12 +27,13 @@ from guillotina_amqp import (
     tracing,
 )
 from guillotina_amqp import message as messages
+from guillotina_amqp import options as task_options
 from guillotina_amqp.exceptions import ObjectNotFoundException, TaskNotFoundException
 from guillotina_amqp.interfaces import ITaskDefinition
 from guillotina_amqp.names import check_task_id, task_id_prefix, task_name, task_queue
 from guillotina_amqp.publishing import publish_task
-from guillotina_amqp.state import TaskState, get_state_manager
-from guillotina_amqp.state.manager import initial_state
+from guillotina_amqp.state import TaskState
+from guillotina_amqp.state.manager import initial_state, manager_for
 from guillotina_amqp.types import SerializedRequest
 
 logger = logging.getLogger("guillotina_amqp")
@@ -88,14 +85,6 @@ async def add_task(
     _request: IRequest | None = None,
     _retries: int = 3,
     _task_id: str | None = None,
-    _timeout: float | None = None,
-    _max_retries: int | None = None,
-    _countdown: float | None = None,
-    _eta: datetime | float | None = None,
-    _queue: str | None = None,
-    _priority: int | None = None,
-    _expires: float | datetime | None = None,
-    _run_in: str | None = None,
     **kwargs: Any,
 ) -> TaskState | None:
     """Schedule `func(*args, **kwargs)` on a worker and return its TaskState.
@@ -104,54 +93,42 @@ async def add_task(
     once RabbitMQ confirmed it. It runs as the current user, inside the
     current container (if any). `_retries`: how many times publishing is tried
     again over a new connection; `_task_id`: use this id instead of a new one
-    (an id whose earlier run ended runs again, as a new run); `_timeout`: seconds
-    the task may run before it is cancelled and counted as failed (TaskTimeout);
-    `_max_retries`: how often a failed run is retried (both override the task's
-    decorator and the settings); `_countdown` (seconds) or `_eta` (a datetime, naive
-    = UTC, or an epoch second): the task does not start before then (it waits in the
-    broker; state `scheduled` with `eta`; a past `_eta` runs now); `_queue`: publish
-    to this named queue (its own `-delay` and `-error` queues are declared with it),
-    run by workers started with `--queue <name>`; None or "default" is amqp.queue;
-    `_priority` (0 lowest to 9): the task waits in the queue's priority queue, where
-    higher priorities start first (docs/tasks.md#priorities).
+    (an id whose earlier run ended runs again, as a new run); `_request`: the
+    request whose context it runs in (default: the current one). The per-task
+    options, `_timeout=`, `_countdown=` and the others of options.TaskOptions (listed
+    with what they do in docs/tasks.md#options), are taken out of `kwargs`; the call's
+    override the task's decorator, which overrides the settings.
     With `amqp.eager` the task runs here and now (docs/tasks.md#eager-mode), no broker involved.
     Without an `amqp` settings block, logs a warning and returns None.
 
-    When and where it runs (docs/tasks.md): `_expires` (seconds from now, or a datetime):
-    not started by then, it never runs and ends `canceled`; `_run_in` ("thread" or
-    "process", default: the task's `@task(run_in=)`): where a plain `def` runs.
-
     ValueError (MessageRefused, also a TypeError) when the arguments are not
     JSON or the message exceeds `amqp.max_message_bytes`; ValueError for a task
-    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, and for a
-    `_timeout` that is not a positive number or a `_max_retries` below 0, for a bad
-    `_countdown`/`_eta`, a negative `_expires`, an unknown `_run_in`, for a queue name
-    RabbitMQ would refuse (names.task_queue), and for a `_priority` outside 0..9 or with
+    id outside names.TASK_ID_CHARACTERS, longer than 200 or reserved, for a bad option
+    (naming it: a `_timeout` that is not a positive number, a `_max_retries` below 0,
+    a bad `_countdown`/`_eta`, a negative `_expires`, an unknown `_run_in`, a queue name
+    RabbitMQ would refuse, a `_priority` outside 0..9), and for a `_priority` with
     quorum queues (which have no priorities). Nothing is published then.
     """
-    given = {"_timeout": _timeout, "_max_retries": _max_retries, "_priority": _priority}
-    options = control.check_options(given, prefix="_")
-    options |= _when(func, _expires, _run_in)
-    eta = timing.start_at(_countdown, _eta)
-    if eta is not None:
-        options["eta"] = eta
+    options = task_options.from_call(_unwrap(func), kwargs)
+    eta = options.get("eta")
+    dotted = _dotted_name(func)
     if not settings.is_configured():
-        logger.warning("No 'amqp' settings: task %s not scheduled", _dotted_name(func))
+        logger.warning("No 'amqp' settings: task %s not scheduled", dotted)
         return None
-    config = settings.get_settings()
+    config = settings.get_settings()  # read once: each read compares the whole block
     request = _request if _request is not None else task_vars.request.get()
     container, db = task_vars.container.get(), task_vars.db.get()
     db_id = getattr(db, "id", None) if container is not None else None
     container_id = getattr(container, "id", None)
     task_id = check_task_id(_task_id) if _task_id is not None else generate_task_id()
-    queue = task_queue(_queue, config)
+    queue = task_queue(options.pop("queue", None), config)
     _check_priority(config, options.get("priority"))
-    manager = get_state_manager()
+    manager = manager_for(config)
     # an id of our own making has no earlier run to follow: no round trip to the store
     run = runs.first_run() if _task_id is None else await manager.next_run(task_id)
     message = {
         **options,
-        "func": _dotted_name(func),
+        "func": dotted,
         "args": list(args),
         "kwargs": kwargs,
         "db_id": db_id,
@@ -163,7 +140,7 @@ async def add_task(
     if queue != config.queue:
         message["queue"] = queue  # where it was sent: job_data tells, a replay can route it there again
     body = messages.encode(replay.stamp(message, config), config)
-    dotted_name = task_name(message["func"], args)
+    dotted_name = task_name(dotted, args)
     with tracing.publish_span(task_id, dotted_name, run) as trace_headers:
         if not config.eager:
             priority = options.get("priority")
@@ -177,16 +154,14 @@ async def add_task(
     return TaskState(task_id)
 
 
+#: help(add_task) lists every option's keywords (they are read from `kwargs`)
+add_task.__signature__ = task_options.signature(add_task)  # type: ignore[attr-defined]
+
+
 def _check_priority(config: settings.AMQPSettings, priority: int | None) -> None:
     """ValueError for a priority with quorum queues: RabbitMQ 3.x refuses x-max-priority on them."""
     if priority is not None and config.queue_type == "quorum":
         raise ValueError("_priority is not available with amqp.queue_type 'quorum' (no priority queues)")
-
-
-def _when(func: Any, expires: Any, run_in: Any) -> dict[str, Any]:
-    """The message fields saying when and where the task runs (only those that are set)."""
-    fields = {"expires": expiry.deadline(expires), "run_in": offload.check_run_in(_unwrap(func), run_in)}
-    return {name: value for name, value in fields.items() if value is not None}
 
 
 async def add_object_task(

@@ -11,19 +11,13 @@
 #   scripts/ha-engines.sh start   # stops leftovers of an earlier run first
 #   scripts/ha-engines.sh stop    # idempotent; removes every data folder
 #
-# Everything lives under $HA_DIR (default /tmp/guillotina-amqp-ha). Run as root:
-# rabbitmq-server drops to the `rabbitmq` user (sharing its Erlang cookie with rabbitmqctl),
-# so the script makes that user the owner of the nodes' folders.
+# Everything lives under $HA_DIR (default /tmp/guillotina-amqp-ha). Run as root (scripts/lib.sh
+# says why).
 set -Eeuo pipefail
 
-HA_DIR=${HA_DIR:-/tmp/guillotina-amqp-ha}
-case "$HA_DIR" in
-    /tmp/?*) ;;  # stop() removes it: never anything outside /tmp
-    *)
-        echo "HA_DIR must be a folder under /tmp, not $HA_DIR" >&2
-        exit 2
-        ;;
-esac
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+engines_dir HA_DIR /tmp/guillotina-amqp-ha
 RABBIT_NODES=(ha1 ha2 ha3 solo)
 CLUSTER_NODES=(ha1 ha2 ha3)  # solo stays out of the cluster
 AMQP_BASE_PORT=5700
@@ -35,58 +29,20 @@ MASTER_NAME=ha-master
 
 log() { echo "[ha-engines] $*" >&2; }
 
-node_env() {  # node index -> the environment of that rabbitmq-server
-    local i=$1 node=${RABBIT_NODES[$1]} dir=$HA_DIR/rabbit/${RABBIT_NODES[$1]}
-    echo "RABBITMQ_NODENAME=$node@localhost"
-    echo "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1"
-    echo "RABBITMQ_NODE_PORT=$((AMQP_BASE_PORT + i + 1))"
-    echo "RABBITMQ_DIST_PORT=$((DIST_BASE_PORT + i + 1))"
-    echo "RABBITMQ_MNESIA_BASE=$dir/mnesia"
-    echo "RABBITMQ_LOG_BASE=$dir/log"
-    echo "RABBITMQ_CONFIG_FILE=$dir/rabbitmq.conf"
-    echo "RABBITMQ_CONF_ENV_FILE=$dir/rabbitmq-env.conf"
-    echo "RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins"
-    echo "RABBITMQ_PID_FILE=$dir/beam.pid"
-}
-
-ctl() {  # node name, rabbitmqctl arguments...
-    local node=$1
-    shift
-    timeout 120 rabbitmqctl -q -n "$node@localhost" "$@"
-}
-
-start_rabbit_node() {
-    local i=$1 node=${RABBIT_NODES[$1]} dir=$HA_DIR/rabbit/${RABBIT_NODES[$1]}
-    mkdir -p "$dir/mnesia" "$dir/log"
-    echo "listeners.tcp.local = 127.0.0.1:$((AMQP_BASE_PORT + i + 1))" >"$dir/rabbitmq.conf"
-    # the machine's rabbitmq-env.conf names the default node: ours replaces it
-    cat >"$dir/rabbitmq-env.conf" <<EOF
-ERL_EPMD_ADDRESS=127.0.0.1
-export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"
-EOF
-    echo "[]." >"$dir/enabled_plugins"
-    chown -R rabbitmq:rabbitmq "$dir"
-    # its own session: stop() ends the wrappers (su, sh) and the node by that session's id
-    # shellcheck disable=SC2046
-    env $(node_env "$i") setsid rabbitmq-server >"$dir/server.out" 2>&1 </dev/null &
-    echo $! >"$HA_DIR/rabbit/$node.session"
-    disown
-}
-
 start_rabbit() {
-    for i in "${!RABBIT_NODES[@]}"; do start_rabbit_node "$i"; done
-    for node in "${RABBIT_NODES[@]}"; do
-        # `wait` waits for the pid file, then for the node to boot
-        ctl "$node" wait "$HA_DIR/rabbit/$node/beam.pid" --timeout 180 >/dev/null ||
-            { log "node $node did not start: see $HA_DIR/rabbit/$node/log"; return 1; }
+    for i in "${!RABBIT_NODES[@]}"; do
+        local node=${RABBIT_NODES[$i]} port=$((AMQP_BASE_PORT + i + 1))
+        rabbit_start "$node" "$HA_DIR/rabbit/$node" "$port" "$((DIST_BASE_PORT + i + 1))" \
+            "listeners.tcp.local = 127.0.0.1:$port"
     done
+    for node in "${RABBIT_NODES[@]}"; do rabbit_wait "$node" "$HA_DIR/rabbit/$node"; done
     for node in "${CLUSTER_NODES[@]:1}"; do
-        ctl "$node" stop_app
-        ctl "$node" join_cluster "${CLUSTER_NODES[0]}@localhost"
-        ctl "$node" start_app
+        rabbit_ctl "$node" stop_app
+        rabbit_ctl "$node" join_cluster "${CLUSTER_NODES[0]}@localhost"
+        rabbit_ctl "$node" start_app
     done
     local running
-    running=$(ctl ha1 cluster_status --formatter json | python3 -c 'import json, sys; print(*json.load(sys.stdin)["running_nodes"])')
+    running=$(rabbit_ctl ha1 cluster_status --formatter json | python3 -c 'import json, sys; print(*json.load(sys.stdin)["running_nodes"])')
     [ "$(wc -w <<<"$running")" = 3 ] || { log "cluster incomplete: $running"; return 1; }
     log "RabbitMQ cluster running: $running"
 }
@@ -143,21 +99,7 @@ wait_port() {
 }
 
 stop_rabbit() {
-    for node in "${RABBIT_NODES[@]}"; do
-        local pidfile=$HA_DIR/rabbit/$node/beam.pid
-        [ -f "$pidfile" ] || continue
-        local pid
-        pid=$(cat "$pidfile")
-        if kill -0 "$pid" 2>/dev/null; then
-            ctl "$node" stop >/dev/null 2>&1 || true
-            kill -9 "$pid" 2>/dev/null || true  # still there after a graceful stop: force it
-        fi
-    done
-    # the wrappers (su, sh), and a node still starting (no pid file yet), by their session
-    for session in "$HA_DIR"/rabbit/*.session; do
-        [ -f "$session" ] || continue
-        kill -9 -- "-$(cat "$session")" 2>/dev/null || true
-    done
+    for node in "${RABBIT_NODES[@]}"; do rabbit_stop "$node" "$HA_DIR/rabbit/$node"; done
 }
 
 stop_redis() {
@@ -177,21 +119,9 @@ stop() {
 }
 
 start() {
-    stop
-    # a failed start leaves nothing running
-    trap 'log "start failed: stopping what started"; stop' ERR
-    mkdir -p "$HA_DIR"
-    chmod 755 "$HA_DIR"
     start_redis
     start_rabbit
     log "started (state in $HA_DIR)"
 }
 
-case "${1:-}" in
-    start) start ;;
-    stop) stop ;;
-    *)
-        echo "usage: $0 start|stop" >&2
-        exit 2
-        ;;
-esac
+engines_main "$HA_DIR" "$@"

@@ -3,9 +3,6 @@
 # tests/long against it (Redis: the machine's own), stop it again whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-trap 'bash scripts/ct-engine.sh stop' EXIT
-trap 'exit 130' INT TERM
-started=$(date +%s)
-bash scripts/ct-engine.sh start
-RABBITMQ=127.0.0.1:5760 GUILLOTINA_AMQP_LONG=1 .venv/bin/pytest -p no:cacheprovider tests/long "$@"
-echo "[test-long] node started and tests run in $(($(date +%s) - started)) s" >&2
+source scripts/lib.sh
+with_engines ct-engine.sh test-long \
+    env RABBITMQ=127.0.0.1:5760 GUILLOTINA_AMQP_LONG=1 .venv/bin/pytest -p no:cacheprovider tests/long "$@"

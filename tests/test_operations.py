@@ -146,7 +146,15 @@ async def test_queues_report_depths_and_the_chart(container_requester, strict_wo
         assert status == 200
         depths = {queue["queue"]: queue["messages"] for queue in body["queues"]}
         queue = get_settings().queue
-        assert depths == {queue: 0, names.delay_queue(queue): 0, names.error_queue(queue): 1}
+        priority = names.priority_queue(queue)  # where the tasks given a priority wait
+        assert depths == {
+            queue: 0,
+            names.delay_queue(queue): 0,
+            names.error_queue(queue): 1,
+            priority: 0,
+            names.delay_queue(priority): 0,
+            names.error_queue(priority): 0,
+        }
         assert sum(body["throughput"]["errored"]) == 1
 
 
@@ -267,11 +275,17 @@ async def test_command_workers_and_queues(container_requester, strict_worker, tm
     queue = get_settings().queue
     rows = [line.split() for line in out.splitlines()]
     assert code == 0 and rows[0] == ["QUEUE", "MESSAGES", "CONSUMERS"]
+    priority = names.priority_queue(queue)
     assert rows[1:] == [
         [queue, "0", "1"],
         [names.delay_queue(queue), "0", "0"],
         [names.error_queue(queue), "0", "0"],
+        [priority, "0", "1"],
+        [names.delay_queue(priority), "0", "0"],
+        [names.error_queue(priority), "0", "0"],
     ]
+    code, _, err = await amqp_tasks(tmp_path, "queues", "--queue", "has space")
+    assert code == 2 and "characters outside" in err
 
 
 async def test_a_requeue_stopped_half_way_loses_no_message(container_requester, strict_worker, monkeypatch):

@@ -1,8 +1,10 @@
 """Named queues: `_queue=`, `@task(queue=)` and `g amqp-worker --queue` (docs/tasks.md#named-queues)."""
 
+from typing import Any
+
 import pytest
 
-from guillotina_amqp import add_task, names, task
+from guillotina_amqp import add_task, names, queues, task
 from guillotina_amqp.settings import get_settings
 from guillotina_amqp.state import TaskState, TaskStatus
 from tests import app
@@ -167,3 +169,54 @@ async def test_worker_refuses_a_bad_queue_name_at_start(guillotina_main):
     async with WorkerProcess(worker_config(), "--queue", "has space") as worker:
         assert await worker.wait_exit() == 2
     assert "characters outside" in worker.output
+
+
+async def test_rest_shows_the_queues_workers_consume_and_those_asked_for(container_requester, named):
+    async with container_requester as requester, running_worker(queues=[named["B"]]) as worker:
+        await worker.presence.announce()
+        await add_task(app.noop, _queue=named["A"])  # no worker takes A: it waits there
+
+        body, code = await requester("GET", "/db/guillotina/@amqp-queues")
+        assert code == 200
+        depths = {queue["queue"]: queue["messages"] for queue in body["queues"]}
+        assert depths[named["B"]] == 0 and depths[names.error_queue(named["B"])] == 0
+        assert named["A"] not in depths
+
+        body, code = await requester("GET", f"/db/guillotina/@amqp-queues?queue={named['A']}")
+        assert code == 200
+        depths = {queue["queue"]: queue["messages"] for queue in body["queues"]}
+        assert depths[named["A"]] == 1 and depths[get_settings().queue] == 0
+
+        body, code = await requester("GET", "/db/guillotina/@amqp-queues?queue=has%20space")
+        assert code == 400 and "characters outside" in body["reason"]
+
+
+async def test_dead_letters_of_a_named_queue_and_of_its_priority_queue_go_back_where_they_died(
+    guillotina_main, named
+):
+    settings, queue = get_settings(), named["B"]
+
+    async def dead() -> list[str]:
+        found = await queues.dead_letters(settings, queue=queue)
+        return sorted(letter.describe()["task_id"] for letter in found)
+
+    async with running_worker(no_retries=True, queues=[queue]):
+        plain = await add_task(app.fail, "plain", _queue=queue)
+        urgent = await add_task(app.fail, "urgent", _queue=queue, _priority=5)
+        for state in (plain, urgent):
+            assert (await state.join())["status"] == TaskStatus.ERRORED
+        # a dead letter is moved just after its state is written: the worker must live till then
+        expected = sorted([plain.task_id, urgent.task_id])
+        await wait_for(lambda: _equal(dead(), expected), what="both dead letters")
+    assert await queues.dead_letters(settings) == []  # amqp.queue's error queue has none of them
+
+    done = await queues.requeue(settings, queue=queue)
+    assert len(done.moved) == 2 and done.refused == []
+    back = {queue: 1, names.priority_queue(queue): 1, names.error_queue(names.priority_queue(queue)): 0}
+    async with broker() as protocol:
+        await wait_for(lambda: counts_are(protocol, back), what="each dead letter back where it died")
+    assert await queues.purge(settings, queue) == 0
+
+
+async def _equal(found: Any, expected: Any) -> bool:
+    return await found == expected

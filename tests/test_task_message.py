@@ -2,8 +2,8 @@
 
 import typing
 
-from guillotina_amqp import control
 from guillotina_amqp import message as messages
+from guillotina_amqp import options
 from guillotina_amqp.types import TaskMessage
 
 
@@ -12,7 +12,7 @@ def test_the_worker_accepts_exactly_the_declared_fields():
         *("func", "args", "kwargs", "db_id", "container_id", "task_id", "req_data", "run", "queue"),
         *("timeout", "max_retries", "priority", "eta", "expires", "run_in", "issued"),
     }
-    assert set(control.OPTIONS) <= messages.FIELDS  # every per-task option travels as a field
+    assert set(options.TABLE) <= messages.FIELDS  # every per-task option travels as a field
     assert messages.REQUIRED_FIELDS == ("func", "task_id")
 
 

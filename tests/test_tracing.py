@@ -142,3 +142,30 @@ def test_without_the_extra_the_add_on_imports_and_traces_nothing():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+INSTALLED_BUT_OFF = """
+import sys
+
+import redis  # redis-py 8 imports OpenTelemetry's SDK itself when it is installed
+
+theirs = {name for name in sys.modules if name.startswith("opentelemetry")}
+assert "opentelemetry.sdk" in theirs, sorted(theirs)
+import guillotina_amqp, guillotina_amqp.worker, guillotina_amqp.commands.worker, guillotina_amqp.utils
+from guillotina_amqp import tracing
+
+with tracing.publish_span("id", "f", "run") as headers, tracing.run_span(None, {}) as span:
+    assert headers is None and span is None
+tracing.ended(span, None, None)
+print(sorted(name for name in sys.modules if name.startswith("opentelemetry") and name not in theirs))
+"""
+
+
+def test_with_the_extra_but_no_provider_the_add_on_imports_nothing_more():
+    # what redis-py imports is its own (docs/production.md#tracing-opentelemetry): nothing
+    # of the publish and run hooks (propagate, the SDK's trace) is loaded while nothing traces
+    done = subprocess.run(
+        [sys.executable, "-c", INSTALLED_BUT_OFF], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

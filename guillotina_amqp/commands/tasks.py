@@ -50,16 +50,25 @@ class TasksCommand(Command):
         listing.add_argument("--limit", type=int, default=task_index.DEFAULT_LIMIT)
         for action, text in (("show", "a task's state"), ("cancel", "cancel a task"), ("retry", "re-run")):
             actions.add_parser(action, parents=[common], help=text).add_argument("task_id")
+        named = argparse.ArgumentParser(add_help=False)
+        named.add_argument(
+            "--queue", type=_queue_name, help="a named queue's error queues (default: amqp.queue's)"
+        )
         letters = actions.add_parser("dead-letters", help="the error queue")
         letter_actions = letters.add_subparsers(dest="letters_action", required=True, metavar="ACTION")
-        letter_actions.add_parser("list", parents=[common], help="messages in the error queue")
-        requeue = letter_actions.add_parser("requeue", parents=[common], help="back into the main queue")
+        letter_actions.add_parser("list", parents=[common, named], help="messages in the error queue")
+        requeue = letter_actions.add_parser(
+            "requeue", parents=[common, named], help="back into the queue they died in"
+        )
         which = requeue.add_mutually_exclusive_group(required=True)
         which.add_argument("--all", action="store_true", help="every dead letter")
         which.add_argument("task_id", nargs="?", help="the dead letter of this task")
-        letter_actions.add_parser("purge", parents=[common], help="drop every dead letter")
+        letter_actions.add_parser("purge", parents=[common, named], help="drop every dead letter")
         actions.add_parser("workers", parents=[common], help="live workers and their load")
-        actions.add_parser("queues", parents=[common], help="messages waiting per queue")
+        depths = actions.add_parser("queues", parents=[common], help="messages waiting per queue")
+        depths.add_argument(
+            "--queue", type=_queue_name, action="append", default=[], help="a named queue too (repeatable)"
+        )
         return parser
 
     def run_command(self, settings: Any = None, loop: Any = None) -> None:
@@ -147,11 +156,13 @@ class TasksCommand(Command):
         _output(arguments, found if arguments.json else rows, columns)
 
     async def do_queues(self, arguments: argparse.Namespace) -> None:
-        _output(arguments, await queues.depths(get_settings()), ("queue", "messages", "consumers"))
+        found = await queues.depths(get_settings(), arguments.queue)
+        _output(arguments, found, ("queue", "messages", "consumers"))
 
     # -- the error queue ----------------------------------------------------------
     async def do_letters_list(self, arguments: argparse.Namespace) -> None:
-        found = [letter.describe() for letter in await queues.dead_letters(get_settings())]
+        letters = await queues.dead_letters(get_settings(), queue=arguments.queue)
+        found = [letter.describe() for letter in letters]
         if arguments.json:
             _output(arguments, found, ())
         else:
@@ -159,8 +170,10 @@ class TasksCommand(Command):
 
     async def do_letters_requeue(self, arguments: argparse.Namespace) -> None:
         settings = get_settings()
-        error_queue = names.error_queue(settings.queue)
-        done = await queues.requeue(settings, None if arguments.all else arguments.task_id)
+        main = names.task_queue(arguments.queue, settings)
+        error_queue = names.error_queue(main)
+        task_id = None if arguments.all else arguments.task_id
+        done = await queues.requeue(settings, task_id, queue=arguments.queue)
         if not done.moved and not done.refused and arguments.all:
             _say(
                 arguments,
@@ -171,7 +184,7 @@ class TasksCommand(Command):
             raise Failure(f"no dead letter of task {arguments.task_id} in {error_queue}")
         ids = [letter.describe()["task_id"] for letter in done.moved]
         refused = [{"task_id": letter.describe()["task_id"], "reason": why} for letter, why in done.refused]
-        text = f"requeued {len(done.moved)} into {settings.queue}"
+        text = f"requeued {len(done.moved)} into {main}"
         if refused:
             text += f"; refused {len(refused)}, left in {error_queue}:"
             # one line each: a newline in an id or a reason must not make lines of its own
@@ -185,9 +198,17 @@ class TasksCommand(Command):
 
     async def do_letters_purge(self, arguments: argparse.Namespace) -> None:
         settings = get_settings()
-        count = await queues.purge(settings)
-        error_queue = names.error_queue(settings.queue)
+        count = await queues.purge(settings, arguments.queue)
+        error_queue = names.error_queue(names.task_queue(arguments.queue, settings))
         _say(arguments, {"purged": count, "text": f"purged {count} messages from {error_queue}"})
+
+
+def _queue_name(text: str) -> str:
+    """--queue's value: a name RabbitMQ takes (or "default"), else argparse's usage error."""
+    try:
+        return text if text == names.DEFAULT_QUEUE else names.check_queue_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def quiet_logging(config: dict) -> dict:

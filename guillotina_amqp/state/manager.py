@@ -16,7 +16,7 @@ from zope.interface import implementer
 from guillotina_amqp.exceptions import StateManagerUnavailable
 from guillotina_amqp.interfaces import IStateManagerUtility
 from guillotina_amqp.names import check_task_id
-from guillotina_amqp.settings import get_settings
+from guillotina_amqp.settings import AMQPSettings, get_settings
 from guillotina_amqp.state.operations import Operations
 from guillotina_amqp.state.status import TaskStatus
 
@@ -225,7 +225,12 @@ def get_state_manager(loop: asyncio.AbstractEventLoop | None = None) -> StateMan
     `loop` is accepted for the original plugin's callers and ignored: the managers
     work on whichever loop runs the call.
     """
-    name = get_settings().persistent_manager
+    return manager_for(get_settings())
+
+
+def manager_for(settings: AMQPSettings) -> StateManager:
+    """The state manager `settings` name (get_state_manager for a caller holding them already)."""
+    name = settings.persistent_manager
     manager = query_utility(IStateManagerUtility, name=name)
     if manager is None:
         raise StateManagerUnavailable(
