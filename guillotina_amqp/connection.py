@@ -439,7 +439,12 @@ def settle_multiple_confirms(channel: Channel) -> None:
     async def nack(frame: Any, delivery_tag: int | None = None) -> None:
         await settle(frame, aioamqp.exceptions.PublishFailed(frame.delivery_tag))
 
-    dispatch = channel.dispatch_frame
+    # the channel dispatches frames through its bound methods: instance attributes win
+    channel.basic_server_ack = ack  # type: ignore[method-assign]
+    channel.basic_server_nack = nack  # type: ignore[method-assign]
+    dispatch = getattr(channel, "dispatch_frame", None)  # the mock broker's channels read no frames
+    if dispatch is None:
+        return
 
     async def dispatch_frame(frame: Any) -> None:
         # a confirm is most of what this channel receives: straight to `ack`, without the method
@@ -449,9 +454,6 @@ def settle_multiple_confirms(channel: Channel) -> None:
         else:
             await dispatch(frame)
 
-    # the channel dispatches frames through its bound methods: instance attributes win
-    channel.basic_server_ack = ack  # type: ignore[method-assign]
-    channel.basic_server_nack = nack  # type: ignore[method-assign]
     channel.dispatch_frame = dispatch_frame  # type: ignore[method-assign]
 
 
