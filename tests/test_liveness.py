@@ -229,7 +229,8 @@ async def test_task_blocking_the_loop_gets_the_worker_killed(guillotina_main):
 async def test_idle_worker_with_a_watchdog_stays_up(guillotina_main):
     async with WorkerProcess(verbose_config(beaconttl=1), "--auto-kill-timeout", "2") as worker:
         await worker.wait_consuming()
-        assert "exits if the event loop blocks for 2s" in worker.output
+        # the watchdog says so as it starts, which may be just after "consuming"
+        await wait_for(lambda: "exits if the event loop blocks for 2s" in worker.output, what="the watchdog")
         # beacons are a clock: 5 round trips of >= 1 s each, well past the 2 s timeout
         await wait_lines(worker, BEACON_BACK, 5)
         assert worker.returncode is None
