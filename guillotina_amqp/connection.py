@@ -16,7 +16,6 @@ import weakref
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aioamqp
-import pamqp.commands
 from aioamqp.channel import Channel
 from guillotina.utils import resolve_dotted_name
 
@@ -442,22 +441,6 @@ def settle_multiple_confirms(channel: Channel) -> None:
     # the channel dispatches frames through its bound methods: instance attributes win
     channel.basic_server_ack = ack  # type: ignore[method-assign]
     channel.basic_server_nack = nack  # type: ignore[method-assign]
-    dispatch = getattr(channel, "dispatch_frame", None)  # the mock broker's channels read no frames
-    if dispatch is None:
-        return
-
-    async def dispatch_frame(frame: Any) -> None:
-        # a confirm is most of what this channel receives: straight to `ack`, without the method
-        # table aioamqp builds for every frame
-        if frame.name == _ACK:
-            await ack(frame)
-        else:
-            await dispatch(frame)
-
-    channel.dispatch_frame = dispatch_frame  # type: ignore[method-assign]
-
-
-_ACK = pamqp.commands.Basic.Ack.name
 
 
 def _waiting_tags(channel: Channel) -> list[int]:
