@@ -147,6 +147,32 @@ async def _cleanup(event_loop, namespace):
 
 
 @pytest_asyncio.fixture
+async def served(app) -> tuple[str, int]:
+    """guillotina's `app` (the API over HTTP), once its socket accepts connections.
+
+    `app` returns when the application has started, and uvicorn binds its socket only after
+    that: a request sent at once can be refused.
+    """
+    import asyncio
+
+    from tests.utils import wait_for
+
+    host, port = app
+
+    async def accepts() -> bool:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    await wait_for(accepts, what=f"the API to listen on {host}:{port}")
+    return host, port
+
+
+@pytest_asyncio.fixture
 async def worker(guillotina_main):
     """A worker consuming this test's queue, in the test's process and loop."""
     from tests.utils import running_worker

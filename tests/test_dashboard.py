@@ -46,9 +46,9 @@ pytestmark = pytest.mark.app_settings(
 
 
 @pytest_asyncio.fixture
-async def site(app) -> Any:
+async def site(served) -> Any:
     """The API over HTTP with a container "guillotina"; yields a caller (method, path, body)."""
-    host, port = app
+    host, port = served
     auth = aiohttp.BasicAuth("root", "admin")
     async with aiohttp.ClientSession(f"http://{host}:{port}", auth=auth) as session:
 

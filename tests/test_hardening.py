@@ -82,9 +82,9 @@ http_server = pytest.mark.app_settings(
 
 
 @pytest_asyncio.fixture
-async def http(app) -> AsyncIterator[aiohttp.ClientSession]:
+async def http(served) -> AsyncIterator[aiohttp.ClientSession]:
     """A session on the API over HTTP, as root, with containers "guillotina" and "guillotina-x"."""
-    host, port = app
+    host, port = served
     async with aiohttp.ClientSession(
         f"http://{host}:{port}", auth=aiohttp.BasicAuth("root", "admin")
     ) as session:
