@@ -4,6 +4,7 @@ Each test gets its own exchange, queue names and Redis key prefix, so tests
 never see each other's messages or state.
 """
 
+import asyncio
 import copy
 import logging
 import os
@@ -153,8 +154,6 @@ async def served(app) -> tuple[str, int]:
     `app` returns when the application has started, and uvicorn binds its socket only after
     that: a request sent at once can be refused.
     """
-    import asyncio
-
     from tests.utils import wait_for
 
     host, port = app
